@@ -19,11 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
-          module = importlib.import_module(f"prefopt_jax.commands.{name}")
+            module = importlib.import_module(f"prefopt_jax.commands.{name}")
         except ModuleNotFoundError as err:
-          if err.name != f"prefopt_jax.commands.{name}":
-            raise
-          continue
+            if err.name != f"prefopt_jax.commands.{name}":
+                raise
+            continue
         module.register(subparsers)
     return parser
 
