@@ -1,13 +1,20 @@
-"""Objectives library: arrays in, arrays out. `get(name)` returns a registered loss."""
+"""Objectives library: arrays in, arrays out. `get(name)` returns a registered loss.
 
-from prefopt_jax.losses import pairwise  # noqa: F401  (registers its losses)
-from prefopt_jax.losses.base import (ListwiseInputs, LossOutput, PairLogps, PairwiseInputs,
-                                     UnpairedInputs, mean_loss, metric_values, pair_logps,
-                                     seq_reduce)
+Importing this package registers every objective (pairwise, unpaired, listwise, reward-model,
+token-level) and the `mpo` mixture; modifiers live in `prefopt_jax.losses.modifiers`.
+"""
+
+from prefopt_jax.losses import (listwise, modifiers, pairwise, rewards,  # noqa: F401 (register)
+                                tokenlevel, unpaired)
+from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, PairLogps,
+                                     PairwiseInputs, RewardPairInputs, UnpairedInputs, mean_loss,
+                                     metric_values, pair_logps, seq_reduce)
+from prefopt_jax.losses.modifiers import f_divergence, ld_dpo, mix, reference_free, wpo
 from prefopt_jax.losses.registry import UnknownLossError, get, names, register
 
 __all__ = [
-    "ListwiseInputs", "LossOutput", "PairLogps", "PairwiseInputs", "UnpairedInputs",
-    "UnknownLossError", "get", "mean_loss", "metric_values", "names", "pair_logps", "register",
-    "seq_reduce",
+    "DistillInputs", "ListwiseInputs", "LossOutput", "PairLogps", "PairwiseInputs",
+    "RewardPairInputs", "UnknownLossError", "UnpairedInputs", "f_divergence", "get", "ld_dpo",
+    "mean_loss", "metric_values", "mix", "names", "pair_logps", "reference_free", "register",
+    "seq_reduce", "wpo",
 ]

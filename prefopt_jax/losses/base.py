@@ -110,6 +110,38 @@ class ListwiseInputs:
 
 
 @flax.struct.dataclass
+class RewardPairInputs:
+    """Scalar rewards of a chosen and a rejected completion (reward-model training).
+
+    Fields: reward_w_p, reward_l_p [P]; margin_p [P] or None (0); valid_p, weight_p as above.
+    """
+
+    reward_w_p: Array
+    reward_l_p: Array
+    margin_p: Array | None = None
+    valid_p: Array | None = None
+    weight_p: Array | None = None
+
+
+@flax.struct.dataclass
+class DistillInputs:
+    """Full-vocabulary logits of one completion per row (token-level distillation).
+
+    Fields:
+      logits_ncv: [N, C, V] student (policy) logits at the completion positions.
+      dpo_logits_ncv, ref_logits_ncv: [N, C, V] frozen DPO-teacher and reference logits.
+      mask_nc: [N, C] completion mask; valid_n, weight_n as above.
+    """
+
+    logits_ncv: Array
+    dpo_logits_ncv: Array
+    ref_logits_ncv: Array
+    mask_nc: Array
+    valid_n: Array | None = None
+    weight_n: Array | None = None
+
+
+@flax.struct.dataclass
 class LossOutput:
     """Per-example loss (0 on filler), metrics as (sum, count) pairs, and the returned state.
 
@@ -250,3 +282,30 @@ def mean_loss(out: LossOutput) -> Array:
 def metric_values(metrics: Metrics) -> dict[str, Array]:
     """Turn (sum, count) pairs into means (for logging; counts of 0 give 0)."""
     return {k: s / jnp.maximum(c, 1.0) for k, (s, c) in metrics.items()}
+
+
+def log1mexp(x: Array) -> Array:
+    """`log(1 - exp(x))` for x <= 0, stable on both sides of -log 2; x is clamped below 0."""
+    # Clamp: a log-prob of exactly 0 (or a filler row) would give -inf and a nan gradient.
+    x = jnp.minimum(x, -1e-6)
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def require(container: dict, key: str, loss: str) -> Array:
+    """`container[key]` or a clear error naming the loss and the missing input."""
+    if key not in container or container[key] is None:
+        raise KeyError(f"loss {loss!r} needs inputs.extras[{key!r}]; got keys {sorted(container)}")
+    return container[key]
+
+
+def running_mean_update(state: Any, values_x: Array, valid_x: Array) -> dict:
+    """Running mean over all values seen so far: {"mean", "count"}, updated with this batch.
+
+    Plain sums over the full (global) arrays, so every shard sees the same statistic.
+    """
+    state = state if state is not None else {"mean": jnp.float32(0.0), "count": jnp.float32(0.0)}
+    values_x = jax.lax.stop_gradient(f32(values_x))
+    batch_sum, batch_count = metric(values_x, valid_x)
+    count = state["count"] + batch_count
+    mean = (state["mean"] * state["count"] + batch_sum) / jnp.maximum(count, 1.0)
+    return {"mean": jnp.where(count > 0, mean, state["mean"]), "count": count}
