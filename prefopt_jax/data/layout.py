@@ -1,0 +1,247 @@
+"""Batch layouts: padded, packed (padding-free) and prefix-shared, all with bucketed static shapes.
+
+Shape letters (as in docs/interfaces.md): `r` rows, `l` row length, `p` examples (pairs) per
+batch, `k` completions per example, `q` = p * k completion sequences, `c` completion positions.
+
+  padded         one sequence (prompt + one completion) per row, rows padded to a length bucket
+  packed         all K sequences of an example side by side as segments; examples packed into
+                 fixed-length rows (first-fit decreasing); an example never straddles rows
+  prefix         one example per row: the prompt once (branch 0), then each completion
+                 (branch j + 1, positions restarting at the prompt length)
+  prefix_packed  prefix-shared examples packed into fixed-length rows as segments
+
+Every layout yields the same keys (the batch contract in docs/interfaces.md), so log-probs read
+through source_index are layout-independent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from prefopt_jax.data.tokenized import TokenizedData
+
+LAYOUTS = ("padded", "packed", "prefix", "prefix_packed")
+MIN_BUCKET = 16
+
+
+class Shape(NamedTuple):
+    """Static batch shape: rows, row length, completion positions (examples and K are fixed)."""
+
+    rows: int
+    length: int
+    completion: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """How examples become rows.
+
+    length_buckets: allowed row lengths for padded and prefix (None: powers of two from 16).
+    row_length: the fixed row length for packed and prefix_packed (None: bucket of the longest
+        example in the data). completion_buckets: allowed C (None: powers of two from 16).
+    row_multiple: R is rounded up to a multiple (the data-parallel device count).
+    """
+
+    kind: str = "padded"
+    length_buckets: tuple[int, ...] | None = None
+    row_length: int | None = None
+    completion_buckets: tuple[int, ...] | None = None
+    row_multiple: int = 1
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.kind not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.kind!r}; expected one of {LAYOUTS}")
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self.kind.startswith("prefix")
+
+    @property
+    def packs(self) -> bool:
+        return self.kind in ("packed", "prefix_packed")
+
+
+def bucket(n: int, buckets: tuple[int, ...] | None, what: str) -> int:
+    """The smallest allowed size >= n."""
+    if buckets is None:
+        return max(MIN_BUCKET, 1 << max(int(n) - 1, 0).bit_length())
+    fits = [b for b in sorted(buckets) if b >= n]
+    if not fits:
+        raise ValueError(f"{what} of {n} is longer than the largest bucket {max(buckets)}")
+    return fits[0]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def group_lengths(lp_n: np.ndarray, lc_nk: np.ndarray, shares_prefix: bool) -> np.ndarray:
+    """Tokens each example occupies in a row: prompt once (shared) or once per real completion."""
+    copies_n = 1 if shares_prefix else (lc_nk > 0).sum(axis=1)
+    return lp_n * copies_n + lc_nk.sum(axis=1)
+
+
+def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
+    """Row length for packing: the configured one, or the bucket of the longest example."""
+    if layout.row_length is not None:
+        return layout.row_length
+    need_n = group_lengths(data.prompt_lengths_n, data.completion_lengths_nk, layout.shares_prefix)
+    return bucket(int(need_n.max(initial=1)), None, "example")
+
+
+class Placement(NamedTuple):
+    """Where each example of a batch goes: its row, its offset there, and the batch shape."""
+
+    row_p: np.ndarray
+    offset_p: np.ndarray
+    shape: Shape
+
+
+def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
+          layout: LayoutConfig) -> Placement:
+    """Assigns the examples idx_p (local positions) to rows; num_slots - len(idx_p) are filler."""
+    k = data.num_completions
+    lp_p, lc_pk = data.prompt_lengths_n[idx_p], data.completion_lengths_nk[idx_p]
+    c = bucket(int(lc_pk.max(initial=1)), layout.completion_buckets, "completion")
+    if not layout.packs:
+        rows_per = 1 if layout.shares_prefix else k
+        longest = (lp_p + lc_pk.sum(1)) if layout.shares_prefix else (lp_p[:, None] + lc_pk)
+        length = bucket(int(longest.max(initial=1)), layout.length_buckets, "sequence")
+        row_p = np.arange(len(idx_p)) * rows_per
+        rows = round_up(num_slots * rows_per, layout.row_multiple)
+        return Placement(row_p, np.zeros(len(idx_p), np.int64), Shape(rows, length, c))
+    length = default_row_length(data, layout)
+    need_p = group_lengths(lp_p, lc_pk, layout.shares_prefix)
+    row_p, offset_p, used = first_fit_decreasing(need_p, length, data.example_index_n[idx_p])
+    rows = round_up(max(used, 1), layout.row_multiple)
+    return Placement(row_p, offset_p, Shape(rows, length, c))
+
+
+def first_fit_decreasing(need_p: np.ndarray, length: int, example_p: np.ndarray):
+    """Bin packing of examples into rows of `length`; returns rows, offsets, rows used."""
+    too_long = np.flatnonzero(need_p > length)
+    if too_long.size:
+        i = too_long[0]
+        raise ValueError(f"example from row {example_p[i]} needs {need_p[i]} tokens, more than "
+                         f"the packed row length {length}; raise row_length")
+    free_r = np.full(len(need_p), length, np.int64)
+    row_p, offset_p = np.zeros(len(need_p), np.int64), np.zeros(len(need_p), np.int64)
+    for i in np.argsort(-need_p, kind="stable"):
+        r = int(np.argmax(free_r >= need_p[i]))
+        row_p[i], offset_p[i] = r, length - free_r[r]
+        free_r[r] -= need_p[i]
+    return row_p, offset_p, int((free_r < length).sum())
+
+
+def empty_batch(shape: Shape, num_slots: int, k: int, pad_id: int) -> dict:
+    """All-padding arrays of a batch shape; filler everywhere until examples are written."""
+    r, l, c = shape
+    q = num_slots * k
+    return {
+        "tokens": np.full((r, l), pad_id, np.int32),
+        "positions": np.zeros((r, l), np.int32),
+        "segment_ids": np.zeros((r, l), np.int32),
+        "branch_ids": np.zeros((r, l), np.int32),
+        "source_index": np.zeros((q, c), np.int32),
+        "target_tokens": np.zeros((q, c), np.int32),
+        "completion_mask": np.zeros((q, c), np.float32),
+    }
+
+
+def write_example(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
+                  layout: LayoutConfig, segments_r: np.ndarray) -> None:
+    """Writes example i (local position) into batch slot `slot` at its row and offset."""
+    k, prompt = data.num_completions, data.prompt(i)
+    lp = len(prompt)
+    if layout.shares_prefix:
+        segments_r[row] += 1
+        cursor = fill(batch, row, offset, prompt, 0, segments_r[row], 0)
+    for j in range(k):
+        completion = data.completion(i, j)
+        if len(completion) == 0:
+            continue
+        if layout.shares_prefix:
+            r = row
+            # Branch j + 1 sees the prompt and itself; its first token is predicted from the
+            # last prompt token, which may sit before other branches.
+            start = cursor
+            cursor = fill(batch, row, start, completion, lp, segments_r[row], j + 1)
+            first_source = offset + lp - 1
+        else:
+            # Padded: side j has its own row; packed: sides follow each other in one row.
+            r, o = (row, offset) if layout.packs else (row + j, 0)
+            segments_r[r] += 1
+            start = fill(batch, r, o, prompt, 0, segments_r[r], 0)
+            end = fill(batch, r, start, completion, lp, segments_r[r], 0)
+            offset, first_source = end, start - 1
+        set_targets(batch, slot * k + j, r, start, first_source, completion)
+
+
+def fill(batch: dict, row: int, start: int, tokens: np.ndarray, first_position: int,
+         segment: int, branch: int) -> int:
+    """Writes tokens at [start, start + n) of a row; returns the end."""
+    end = start + len(tokens)
+    batch["tokens"][row, start:end] = tokens
+    batch["positions"][row, start:end] = np.arange(first_position, first_position + len(tokens))
+    batch["segment_ids"][row, start:end] = segment
+    batch["branch_ids"][row, start:end] = branch
+    return end
+
+
+def set_targets(batch: dict, q: int, row: int, start: int, first_source: int,
+                completion: np.ndarray) -> None:
+    """Completion q's targets, mask, and the flat positions whose outputs predict them."""
+    lc, l = len(completion), batch["tokens"].shape[1]
+    source = np.arange(start - 1, start - 1 + lc)
+    source[0] = first_source
+    batch["source_index"][q, :lc] = row * l + source
+    batch["target_tokens"][q, :lc] = completion
+    batch["completion_mask"][q, :lc] = 1.0
+
+
+def example_fields(data: TokenizedData, idx_p: np.ndarray, num_slots: int) -> dict:
+    """Per-example arrays [P] (scores: [P, K]); filler slots get pair_valid 0 and weight 0."""
+    n = len(idx_p)
+    out = {"pair_valid": np.zeros(num_slots, np.float32),
+           "example_index": np.full(num_slots, -1, np.int32)}
+    out["pair_valid"][:n] = 1.0
+    out["example_index"][:n] = data.example_index_n[idx_p]
+    names = ["weight", "margin", "score_chosen", "score_rejected"]
+    names += sorted(set(data.fields) - set(names))
+    for name in names:
+        values = data.field(name)[idx_p]
+        filler = 0.0 if name in ("weight", "margin", "label", "flipped") else np.nan
+        out[name] = np.full((num_slots,) + values.shape[1:], filler, np.float32)
+        out[name][:n] = values
+    return out
+
+
+def make_batch(data: TokenizedData, idx_p: np.ndarray, num_slots: int, layout: LayoutConfig,
+               min_shape: Shape | None = None, placement: Placement | None = None) -> dict:
+    """A numpy batch (docs/interfaces.md) of examples idx_p, padded with filler to num_slots.
+
+    min_shape raises the bucketed shape (so that several hosts can agree on one shape).
+    """
+    idx_p = np.asarray(idx_p, np.int64)
+    if len(idx_p) > num_slots:
+        raise ValueError(f"{len(idx_p)} examples for {num_slots} slots")
+    placement = placement or place(data, idx_p, num_slots, layout)
+    shape = placement.shape
+    if min_shape is not None:
+        shape = Shape(*(max(a, b) for a, b in zip(shape, min_shape)))
+    batch = empty_batch(shape, num_slots, data.num_completions, layout.pad_id)
+    segments_r = np.zeros(shape.rows, np.int32)
+    for slot, i in enumerate(idx_p):
+        write_example(batch, data, int(i), slot, int(placement.row_p[slot]),
+                      int(placement.offset_p[slot]), layout, segments_r)
+    batch.update(example_fields(data, idx_p, num_slots))
+    return batch
+
+
+def padding_fraction(batch: dict) -> float:
+    """Fraction of the [R, L] token slots that hold padding."""
+    return float((batch["segment_ids"] == 0).mean())
