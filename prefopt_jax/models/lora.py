@@ -1,0 +1,136 @@
+"""LoRA as a separate adapter pytree applied to the base parameters by a pure function.
+
+Shape letters: `i` flattened input dims of a kernel, `o` flattened output dims, `r` LoRA rank,
+`y` a leading stacked-layers axis when the model scans over layers.
+
+The transformer is not edited: adapters live beside the base state, and
+`apply_lora(base_state, adapters, scale)` returns base kernels `W + scale * A @ B`. The policy is
+the merged parameters; the reference is the base parameters themselves (adapters disabled), so
+LoRA training needs no second copy of the model (invariant 6). `merge` folds the adapters in for
+export. Each adapter carries logical axis names (the kernel's input axes then `lora_rank` for A,
+`lora_rank` then the output axes for B) so it shards like the kernel it adapts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DEFAULT_TARGETS = ("w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which kernels get adapters and how big they are.
+
+    Attributes:
+      rank: adapter rank r.
+      alpha: scale numerator; the update is `(alpha / rank) * A @ B`.
+      targets: names of the kernels to adapt (the last part of their state path).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def path_key(path) -> str:
+    """A flat state path as one string, e.g. `layers/0/attn/w_q`."""
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def logical_names(var: nnx.Variable) -> tuple | None:
+    """The variable's logical axis names (`out_sharding` metadata) or None."""
+    names = var.get_metadata().get("out_sharding")
+    return tuple(names) if names else None
+
+
+def kernel_split(shape: tuple[int, ...], names: tuple | None) -> tuple[int, int]:
+    """(stacked-layer dims, input dims) of a kernel; the rest are output dims.
+
+    A leading `layers` axis is a batch dim. Kernels that end in `embed` after several axes
+    (attention output `[heads, head_dim, embed]`) take all but the last axis as input; every
+    other kernel takes its first axis as input (`[embed, heads, head_dim]`, `[embed, mlp]`).
+    """
+    lead = 1 if names and names[0] == "layers" else 0
+    rest = len(shape) - lead
+    if names and names[-1] == "embed" and rest > 2:
+        return lead, rest - 1
+    return lead, 1
+
+
+def is_target(path, config: LoraConfig) -> bool:
+    """True for the kernels named in `config.targets`."""
+    return str(getattr(path[-1], "key", path[-1])) in config.targets
+
+
+def init_adapters(base_state: nnx.State, config: LoraConfig, rng: jax.Array) -> dict:
+    """Adapters `{path: {"a": Param, "b": Param}}`: A random (Kaiming-uniform), B zero.
+
+    B = 0 makes the initial policy equal the base model exactly.
+    """
+    adapters = {}
+    for path, var in nnx.to_flat_state(base_state):
+        if not is_target(path, config):
+            continue
+        shape, names = var.get_value().shape, logical_names(var)
+        lead, n_in = kernel_split(shape, names)
+        lead_shape, in_shape = shape[:lead], shape[lead:lead + n_in]
+        out_shape = shape[lead + n_in:]
+        rng, sub = jax.random.split(rng)
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = jax.random.uniform(sub, lead_shape + in_shape + (config.rank,), jnp.float32,
+                               -bound, bound)
+        b = jnp.zeros(lead_shape + (config.rank,) + out_shape, jnp.float32)
+        a_names = b_names = None
+        if names:
+            a_names = names[:lead + n_in] + ("lora_rank",)
+            b_names = names[:lead] + ("lora_rank",) + names[lead + n_in:]
+        # Logical names only: placement happens later, from the rules, under jit.
+        with nnx.use_eager_sharding(False):
+            adapters[path_key(path)] = {
+                "a": nnx.Param(a, **({"out_sharding": a_names} if a_names else {})),
+                "b": nnx.Param(b, **({"out_sharding": b_names} if b_names else {})),
+            }
+    if not adapters:
+        raise ValueError(f"LoRA targets {config.targets} match no kernel in the model")
+    return adapters
+
+
+def lora_delta(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
+    """`A @ B` contracted over the rank axis, batched over `lead` stacked-layer axes."""
+    a_yir = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
+    b_yro = b.reshape(b.shape[:lead + 1] + (-1,))
+    delta_yio = jnp.einsum("...ir,...ro->...io", a_yir, b_yro)
+    return delta_yio.reshape(a.shape[:-1] + b.shape[lead + 1:])
+
+
+def apply_lora(base_state: nnx.State, adapters: dict, scale: float) -> nnx.State:
+    """Base state with `W + scale * A @ B` on every adapted kernel (pure; base untouched)."""
+    items = []
+    for path, var in nnx.to_flat_state(base_state):
+        ad = adapters.get(path_key(path))
+        if ad is not None:
+            w = var.get_value()
+            a, b = ad["a"], ad["b"]
+            a = a.get_value() if isinstance(a, nnx.Variable) else a
+            b = b.get_value() if isinstance(b, nnx.Variable) else b
+            # W has lead + in + out dims, A lead + in + 1, B lead + 1 + out.
+            lead = a.ndim + b.ndim - 2 - w.ndim
+            merged = w + (scale * lora_delta(a, b, lead)).astype(w.dtype)
+            var = var.replace(merged)
+        items.append((path, var))
+    return nnx.from_flat_state(items)
+
+
+def merge(base_state: nnx.State, adapters: dict, config: LoraConfig) -> nnx.State:
+    """Base state with the adapters folded in, for export (same as `apply_lora`)."""
+    return apply_lora(base_state, adapters, config.scale)
