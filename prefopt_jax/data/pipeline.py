@@ -105,6 +105,8 @@ def prepare(source, tokenizer, config: DataConfig = DataConfig(), process_index:
                             config.skip_bad_rows)
     data = transforms.filter_by_length(data, report, config.min_length, config.max_length)
     report.counts["examples"] = len(data)
+    if len(data) == 0:
+        raise ValueError(f"no examples left from rows [{start}, {stop}):\n{report.summary()}")
     if path is not None:
         data.save(path, extra={"report": np.array(report.to_json())})
     return data, report

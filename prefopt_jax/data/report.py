@@ -52,7 +52,7 @@ class DataReport:
         style = "conversational" if self.conversational else "plain text"
         lines = [f"data {self.source}: format {self.format} ({style}), kind {self.kind}"]
         lines += [f"  {name}: {count}" for name, count in sorted(self.counts.items()) if count]
-        reasons = Counter(reason.split(":")[0] for _, _, reason in self.skipped)
+        reasons = Counter(reason.split(":")[0].split(" (")[0] for _, _, reason in self.skipped)
         for reason, count in reasons.most_common():
             lines.append(f"  skipped ({reason}): {count}")
         for row, field, reason in self.skipped[:SHOWN_EXAMPLES]:
