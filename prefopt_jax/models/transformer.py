@@ -1,0 +1,403 @@
+"""Decoder-only language model (the Llama family as Hugging Face defines it) in Flax NNX.
+
+Covers Llama 2/3 (RoPE scaling None, "linear", "llama3"), Mistral (optional sliding window),
+Qwen2 (q/k/v bias) and SmolLM2 (tied embeddings): GQA/MQA, RoPE with HF's rotate-half layout so
+HF weights load unchanged, RMSNorm, SwiGLU. The call, mask and KV-cache contract is the one in
+docs/interfaces.md. Log-softmax never happens here: logits come back in the compute dtype.
+
+Shape letters (array-name suffixes):
+    b  batch rows                 t  query positions (rows of the call)
+    s  key slots (= t without a cache, the cache length S with one)
+    d  model width D              f  MLP width F
+    v  vocabulary V               h  query heads H
+    k  key/value heads K          e  head width Dh
+    r  rotary frequencies Dh/2    l  layers L
+
+Logical axis names of parameters (mapped to mesh axes in sharding.py): embed, mlp, heads,
+kv_heads, head_dim, vocab, and layers for the stacked axis when ``scan_layers`` is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefopt_jax.models.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the decoder; hashable so it can be a static jit argument.
+
+    ``rope_scaling`` accepts HF's dict (``{"rope_type": "llama3", "factor": 8.0, ...}``, or the
+    older ``"type"`` key) and is stored as a sorted tuple of items; ``None`` means plain RoPE.
+    ``attention_bias`` puts biases on q/k/v, ``attention_out_bias`` on the output projection
+    (HF Llama's ``attention_bias`` sets both; Qwen2 has only the first).
+    ``sliding_window`` (Mistral) limits attention to keys fewer than that many rows back.
+    """
+
+    vocab_size: int = 128
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // self.num_heads)
+        set_("param_dtype", jnp.dtype(self.param_dtype))
+        set_("dtype", jnp.dtype(self.dtype))
+        if isinstance(self.rope_scaling, Mapping):
+            set_("rope_scaling", tuple(sorted(_normalise_rope_scaling(self.rope_scaling).items())))
+        self._validate()
+
+    def _validate(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose from "
+                             f"{sorted(REMAT_POLICIES)}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: "
+                             f"{ROPE_TYPES}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}; supported: {MODEL_TYPES}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        """RoPE scaling parameters as a dict (empty for plain RoPE)."""
+        return dict(self.rope_scaling or ())
+
+    @property
+    def rope_type(self) -> str:
+        """One of ROPE_TYPES."""
+        return self.rope_scaling_dict.get("rope_type", "default")
+
+
+def _normalise_rope_scaling(scaling: Mapping[str, Any]) -> dict[str, Any]:
+    """HF rope_scaling/rope_parameters dict -> our keys (rope_type plus its own parameters)."""
+    scaling = dict(scaling)
+    scaling.pop("rope_theta", None)  # transformers 5 nests theta here; we keep it separately
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    return {"rope_type": rope_type, **scaling}
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies ``[Dh/2]`` (float32), with HF's linear / llama3 scaling."""
+    dh = config.head_dim
+    inv_freq_r = 1.0 / (config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
+    inv_freq_r = inv_freq_r.astype(np.float32)
+    params = config.rope_scaling_dict
+    if config.rope_type == "linear":
+        return (inv_freq_r / np.float32(params["factor"])).astype(np.float32)
+    if config.rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq_r, params)
+    return inv_freq_r
+
+
+def _llama3_inv_freq(inv_freq_r: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    """Llama 3.1 frequency-dependent scaling: long wavelengths / factor, short ones kept."""
+    factor = np.float32(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_len = float(params["original_max_position_embeddings"])
+    wavelen_r = 2 * math.pi / inv_freq_r
+    scaled_r = np.where(wavelen_r > old_len / low, inv_freq_r / factor, inv_freq_r)
+    smooth_r = (old_len / wavelen_r - low) / (high - low)
+    smoothed_r = (1 - smooth_r) * scaled_r / factor + smooth_r * scaled_r
+    medium_r = (wavelen_r >= old_len / high) & (wavelen_r <= old_len / low)
+    return np.where(medium_r, smoothed_r, scaled_r).astype(np.float32)
+
+
+def rope_tables(positions_bt: jax.Array, inv_freq_r: np.ndarray, dtype) -> tuple[jax.Array, ...]:
+    """cos and sin ``[B, T, Dh]`` for positions, computed in float32 then cast (as HF does)."""
+    angles_btr = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_r)
+    angles_bte = jnp.concatenate([angles_btr, angles_btr], axis=-1)
+    return jnp.cos(angles_bte).astype(dtype), jnp.sin(angles_bte).astype(dtype)
+
+
+def apply_rope(x_bthe: jax.Array, cos_bte: jax.Array, sin_bte: jax.Array) -> jax.Array:
+    """Rotate query/key heads; the two halves of each head form the rotated pairs (HF layout)."""
+    half = x_bthe.shape[-1] // 2
+    rotated_bthe = jnp.concatenate([-x_bthe[..., half:], x_bthe[..., :half]], axis=-1)
+    return x_bthe * cos_bte[:, :, None, :] + rotated_bthe * sin_bte[:, :, None, :]
+
+
+def attention_mask(seg_q_bt, branch_q_bt, seg_k_bs, branch_k_bs, q_offset,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Boolean mask ``[B, 1, T, S]`` of the interface contract (causal x segment x branch).
+
+    Query row ``i`` sits at key slot ``q_offset + i``; slot order is row order.
+    """
+    q_slot_t = q_offset + jnp.arange(seg_q_bt.shape[1], dtype=jnp.int32)
+    k_slot_s = jnp.arange(seg_k_bs.shape[1], dtype=jnp.int32)
+    allowed_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+    if sliding_window is not None:
+        allowed_ts &= q_slot_t[:, None] - k_slot_s[None, :] < sliding_window
+    same_seg_bts = seg_q_bt[:, :, None] == seg_k_bs[:, None, :]
+    branch_ok_bts = (branch_k_bs[:, None, :] == 0) | (branch_k_bs[:, None, :] == branch_q_bt[:, :, None])
+    return (allowed_ts[None] & same_seg_bts & branch_ok_bts)[:, None]
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, config: ModelConfig) -> nnx.Param:
+    """A parameter carrying logical axis names (placement is done later from this metadata)."""
+    # eager_sharding=False: names are logical, not mesh axes; sharding.py resolves them.
+    init = nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), tuple(shape), config.param_dtype))
+
+
+_dense_init = nnx.initializers.normal(stddev=0.02)
+_zeros_init = nnx.initializers.zeros_init()
+_ones_init = nnx.initializers.ones_init()
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm; statistics in float32, scale applied in the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.dtype = config.dtype
+        self.scale = _param(rngs, _ones_init, (config.hidden_size,), ("embed",), config)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32_btd = x_btd.astype(jnp.float32)
+        inv_rms_bt1 = jax.lax.rsqrt(jnp.mean(x32_btd * x32_btd, axis=-1, keepdims=True) + self.eps)
+        normed_btd = (x32_btd * inv_rms_bt1).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * normed_btd
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, e = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.dtype = config.dtype
+        self.w_q = _param(rngs, _dense_init, (d, h, e), ("embed", "heads", "head_dim"), config)
+        self.w_k = _param(rngs, _dense_init, (d, k, e), ("embed", "kv_heads", "head_dim"), config)
+        self.w_v = _param(rngs, _dense_init, (d, k, e), ("embed", "kv_heads", "head_dim"), config)
+        self.w_o = _param(rngs, _dense_init, (h, e, d), ("heads", "head_dim", "embed"), config)
+        qkv_bias, out_bias = config.attention_bias, config.attention_out_bias
+        self.b_q = _param(rngs, _zeros_init, (h, e), ("heads", "head_dim"), config) if qkv_bias else None
+        self.b_k = _param(rngs, _zeros_init, (k, e), ("kv_heads", "head_dim"), config) if qkv_bias else None
+        self.b_v = _param(rngs, _zeros_init, (k, e), ("kv_heads", "head_dim"), config) if qkv_bias else None
+        self.b_o = _param(rngs, _zeros_init, (d,), ("embed",), config) if out_bias else None
+
+    def _project(self, x_btd, w, b, names):
+        out = jnp.einsum("btd,dne->btne", x_btd, w[...].astype(self.dtype))
+        if b is not None:
+            out = out + b[...].astype(self.dtype)
+        return constrain(out, names)
+
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_b1ts, kv=None, index=None):
+        """Attend; with ``kv = (k_bske, v_bske)`` write new keys at ``index`` and attend all slots.
+
+        Returns ``(out_btd, new_kv)``; ``new_kv`` is None without a cache.
+        """
+        q_bthe = self._project(x_btd, self.w_q, self.b_q, ("batch", "length", "heads", "head_dim"))
+        k_btke = self._project(x_btd, self.w_k, self.b_k, ("batch", "length", "kv_heads", "head_dim"))
+        v_btke = self._project(x_btd, self.w_v, self.b_v, ("batch", "length", "kv_heads", "head_dim"))
+        q_bthe = apply_rope(q_bthe, cos_bte, sin_bte)
+        k_btke = apply_rope(k_btke, cos_bte, sin_bte)
+        new_kv = None
+        if kv is not None:
+            k_bske = jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), (0, index, 0, 0))
+            v_bske = jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), (0, index, 0, 0))
+            new_kv = (k_bske, v_bske)
+            k_btke, v_btke = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
+        # GQA: dot_product_attention groups H query heads over K kv heads natively.
+        out_bthe = jax.nn.dot_product_attention(q_bthe, k_btke, v_btke, mask=mask_b1ts)
+        out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.w_o[...].astype(self.dtype))
+        if self.b_o is not None:
+            out_btd = out_btd + self.b_o[...].astype(self.dtype)
+        return out_btd, new_kv
+
+
+class Mlp(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.dtype = config.dtype
+        self.w_gate = _param(rngs, _dense_init, (d, f), ("embed", "mlp"), config)
+        self.w_up = _param(rngs, _dense_init, (d, f), ("embed", "mlp"), config)
+        self.w_down = _param(rngs, _dense_init, (f, d), ("mlp", "embed"), config)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        gate_btf = x_btd @ self.w_gate[...].astype(self.dtype)
+        up_btf = x_btd @ self.w_up[...].astype(self.dtype)
+        hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
+        return hidden_btf @ self.w_down[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config, rngs=rngs)
+        self.mlp = Mlp(config, rngs=rngs)
+
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_b1ts, kv=None, index=None):
+        attn_btd, new_kv = self.attn(self.attn_norm(x_btd), cos_bte, sin_bte, mask_b1ts, kv, index)
+        x_btd = constrain(x_btd + attn_btd, ("batch", "length", "embed"))
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return constrain(x_btd, ("batch", "length", "embed")), new_kv
+
+
+def _block_step(block: Block, x_btd, cos_bte, sin_bte, mask_b1ts, kv, index):
+    """One layer as a free function, so nnx.remat / nnx.scan can wrap it."""
+    return block(x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM; see docs/interfaces.md for the call, mask and cache contract."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        v, d = config.vocab_size, config.hidden_size
+        self.embed = _param(rngs, _dense_init, (v, d), ("vocab", "embed"), config)
+        if config.scan_layers:
+            self.layers = _stacked_blocks(config, rngs)
+        else:
+            self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config, rngs=rngs)
+        tied = config.tie_word_embeddings
+        self.lm_head = None if tied else _param(rngs, _dense_init, (d, v), ("embed", "vocab"), config)
+
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, branch_ids_bt=None, *,
+                 cache=None, return_hidden=False):
+        """Logits ``[B, T, V]`` (or hidden states ``[B, T, D]``); with a cache, also the new cache."""
+        tokens_bt = jnp.asarray(tokens_bt)
+        _check_inputs(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt)
+        seg_bt = _or_fill(segment_ids_bt, tokens_bt.shape, 1)
+        branch_bt = _or_fill(branch_ids_bt, tokens_bt.shape, 0)
+        x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.config.dtype),
+                          ("batch", "length", "embed"))
+        cos_bte, sin_bte = rope_tables(jnp.asarray(positions_bt), rope_inv_freq(self.config),
+                                       self.config.dtype)
+        window = self.config.sliding_window
+        if cache is None:
+            mask_b1ts = attention_mask(seg_bt, branch_bt, seg_bt, branch_bt, 0, window)
+            x_btd, _ = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, None, None)
+            new_cache = None
+        else:
+            index = jnp.asarray(cache["index"], jnp.int32)
+            seg_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], seg_bt, (0, index))
+            branch_bs = jax.lax.dynamic_update_slice(cache["branch_ids"], branch_bt, (0, index))
+            mask_b1ts = attention_mask(seg_bt, branch_bt, seg_bs, branch_bs, index, window)
+            kv = (cache["k"], cache["v"])
+            x_btd, (k_lbske, v_lbske) = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
+            new_cache = {"k": k_lbske, "v": v_lbske, "segment_ids": seg_bs, "branch_ids": branch_bs,
+                         "index": index + tokens_bt.shape[1]}
+        hidden_btd = self.final_norm(x_btd)
+        out = hidden_btd if return_hidden else self.project(hidden_btd)
+        return out if cache is None else (out, new_cache)
+
+    def project(self, hidden_btd: jax.Array) -> jax.Array:
+        """Logits from final (already normed) hidden states, in the compute dtype."""
+        hidden_btd = hidden_btd.astype(self.config.dtype)
+        if self.lm_head is None:
+            logits = jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(self.config.dtype))
+        else:
+            logits = hidden_btd @ self.lm_head[...].astype(self.config.dtype)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, jax.Array]:
+        """An empty KV cache: every slot has segment id 0 (empty) and ``index`` is 0."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        dtype = c.dtype if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+                "branch_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def _run_layers(self, x_btd, cos_bte, sin_bte, mask_b1ts, kv, index):
+        """Apply all layers (python loop or nnx.scan, optionally rematerialised)."""
+        step = _block_step
+        policy_name = self.config.remat_policy
+        if policy_name != "none":
+            # prevent_cse is only needed outside scan (scan already blocks CSE across the remat).
+            step = nnx.remat(step, policy=REMAT_POLICIES[policy_name],
+                             prevent_cse=not self.config.scan_layers)
+        if self.config.scan_layers:
+            scanned = nnx.scan(step, in_axes=(0, nnx.Carry, None, None, None, 0, None),
+                               out_axes=(nnx.Carry, 0),
+                               transform_metadata={nnx.PARTITION_NAME: "layers"})
+            return scanned(self.layers, x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x_btd, layer_kv = step(block, x_btd, cos_bte, sin_bte, mask_b1ts, layer_kv, index)
+            if kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x_btd, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters carry a leading ``layers`` axis of size L."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs_):
+        return Block(config, rngs=rngs_)
+
+    return create(rngs)
+
+
+def _or_fill(ids_bt, shape, fill: int) -> jax.Array:
+    """The given int32 ids, or a constant array when None."""
+    if ids_bt is None:
+        return jnp.full(shape, fill, jnp.int32)
+    return jnp.asarray(ids_bt, jnp.int32)
+
+
+def _check_inputs(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt):
+    """Fail loudly on rank or shape disagreement (shapes are static, so this costs nothing)."""
+    if tokens_bt.ndim != 2:
+        raise ValueError(f"tokens_bt must be [B, T], got shape {tokens_bt.shape}")
+    named = {"positions_bt": positions_bt, "segment_ids_bt": segment_ids_bt,
+             "branch_ids_bt": branch_ids_bt}
+    for name, value in named.items():
+        if value is not None and tuple(jnp.shape(value)) != tuple(tokens_bt.shape):
+            raise ValueError(f"{name} has shape {tuple(jnp.shape(value))}, tokens_bt has "
+                             f"{tuple(tokens_bt.shape)}")
