@@ -1,0 +1,109 @@
+"""Layouts, checked without a model: what each target token can see under the mask contract."""
+
+import numpy as np
+import pytest
+
+from prefopt_jax.data import LAYOUTS, DataConfig, LayoutConfig, Shape, make_batch, prepare
+from prefopt_jax.data.layout import bucket, padding_fraction
+from prefopt_jax.data.synthetic import synthetic_rows, synthetic_tokenized
+
+KINDS = {"paired": ("preference", {}), "triple": ("triple", {}), "unpaired": ("unpaired", {}),
+         "listwise": ("ranked", {"ranked": "listwise", "list_size": 5})}
+
+
+@pytest.fixture(scope="module")
+def datasets_by_kind(tok):
+    out = {}
+    for kind, (fmt, kw) in KINDS.items():
+        rows = synthetic_rows(7, fmt, conversational=kind == "paired", seed=3)
+        out[kind] = prepare(rows, tok, DataConfig(cache_dir=None, **kw))[0]
+    return out
+
+
+def visible(batch, flat_i):
+    """(tokens, positions) that the position flat_i attends to, per docs/interfaces.md."""
+    l = batch["tokens"].shape[1]
+    r, i = divmod(int(flat_i), l)
+    seg, branch = batch["segment_ids"][r], batch["branch_ids"][r]
+    keys = [j for j in range(i + 1) if seg[j] == seg[i] and branch[j] in (0, branch[i])]
+    return batch["tokens"][r, keys], batch["positions"][r, keys]
+
+
+def check_batch(batch, data, idx):
+    """Each target token is predicted from a context that is exactly prompt + completion[:t]."""
+    k = data.num_completions
+    for slot, i in enumerate(idx):
+        for j in range(k):
+            q, completion = slot * k + j, data.completion(i, j)
+            assert batch["completion_mask"][q].sum() == len(completion)
+            for t in range(len(completion)):
+                tokens, positions = visible(batch, batch["source_index"][q, t])
+                expect = np.concatenate([data.prompt(i), completion[:t]])
+                np.testing.assert_array_equal(tokens, expect)
+                np.testing.assert_array_equal(positions, np.arange(len(expect)))
+                assert batch["target_tokens"][q, t] == completion[t]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_target_sees_its_prompt_and_prefix_only(datasets_by_kind, layout, kind):
+    data = datasets_by_kind[kind]
+    idx = np.array([4, 0, 6, 2, 5])
+    batch = make_batch(data, idx, 6, LayoutConfig(kind=layout))
+    check_batch(batch, data, idx)
+    k = data.num_completions
+    assert batch["source_index"].shape[0] == 6 * k and batch["pair_valid"].tolist() == [1] * 5 + [0]
+    assert batch["example_index"].tolist() == data.example_index_n[idx].tolist() + [-1]
+    assert batch["completion_mask"][5 * k:].sum() == 0
+    for key in ("tokens", "positions", "segment_ids", "branch_ids", "source_index",
+                "target_tokens"):
+        assert batch[key].dtype == np.int32
+    # Padding is segment 0 throughout.
+    assert (batch["tokens"][batch["segment_ids"] == 0] == 0).all()
+
+
+def test_packed_keeps_each_example_in_one_row():
+    data = synthetic_tokenized(64, seed=1, max_length=256)
+    idx = np.arange(64)
+    batch = make_batch(data, idx, 64, LayoutConfig(kind="packed", row_length=512))
+    rows_qc = batch["source_index"] // 512
+    assert (rows_qc[0::2, 0] == rows_qc[1::2, 0]).all()
+    assert ((rows_qc == rows_qc[:, :1]) | (batch["completion_mask"] == 0)).all()
+    check_batch(batch, data, idx[:6])
+
+
+def test_shapes_come_from_buckets():
+    assert [bucket(n, None, "x") for n in (1, 16, 17, 100, 1024)] == [16, 16, 32, 128, 1024]
+    assert bucket(70, (64, 96, 128), "x") == 96
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        bucket(200, (64, 128), "sequence")
+    data = synthetic_tokenized(40, seed=2, max_length=512)
+    layout = LayoutConfig(kind="packed", row_length=1024, row_multiple=4)
+    shapes = {make_batch(data, np.arange(s, s + 8), 8, layout)["tokens"].shape
+              for s in range(0, 32, 8)}
+    assert all(r % 4 == 0 and l == 1024 for r, l in shapes)
+    padded = make_batch(data, np.arange(8), 8, LayoutConfig(length_buckets=(256, 512)))
+    assert padded["tokens"].shape[1] in (256, 512) and padded["tokens"].shape[0] == 16
+
+
+def test_min_shape_raises_the_shape():
+    data = synthetic_tokenized(8, seed=2, max_length=128)
+    batch = make_batch(data, np.arange(4), 4, LayoutConfig(), min_shape=Shape(10, 300, 200))
+    assert batch["tokens"].shape == (10, 300) and batch["source_index"].shape == (8, 200)
+    check_batch(batch, data, np.arange(4))
+
+
+def test_packed_example_too_long_is_an_error():
+    data = synthetic_tokenized(8, seed=2, max_length=512)
+    with pytest.raises(ValueError, match="needs .* tokens, more than the packed row length 64"):
+        make_batch(data, np.arange(8), 8, LayoutConfig(kind="packed", row_length=64))
+
+
+def test_padding_fraction_ordering():
+    data = synthetic_tokenized(256, seed=0, max_length=1024)
+    fractions = {}
+    for kind in LAYOUTS:
+        batch = make_batch(data, np.arange(256), 256, LayoutConfig(kind=kind, row_length=2048))
+        fractions[kind] = padding_fraction(batch)
+    assert fractions["packed"] < 0.1 and fractions["prefix_packed"] < 0.1
+    assert fractions["padded"] > fractions["packed"]
