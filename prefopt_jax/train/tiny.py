@@ -98,17 +98,22 @@ def layout_prefix(data, length: int, c: int) -> dict:
 
 
 def batch(layout: str, seed: int = 0, n_pairs: int = 4, valid: int | None = None,
-          rows: int | None = None) -> dict:
-    """A synthetic paired batch in one of the three layouts (numpy, static shapes)."""
+          rows: int | None = None, unpaired: bool = False) -> dict:
+    """A synthetic batch in one of the three layouts (numpy, static shapes).
+
+    `unpaired=True` reads each sequence as its own labelled example (`Q = P`, KTO/BCO data).
+    """
     data = pairs(n_pairs, seed)
     c = 7
     builders = {"padded": lambda: layout_padded(data, 6 + c, c),
                 "packed": lambda: layout_packed(data, 26, c, rows or max(1, n_pairs)),
                 "prefix": lambda: layout_prefix(data, 6 + 2 * c, c)}
     b = builders[layout]()
-    valid = n_pairs if valid is None else valid
-    b["pair_valid"] = (np.arange(n_pairs) < valid).astype(np.float32)
-    b["example_index"] = np.where(np.arange(n_pairs) < valid, np.arange(n_pairs) + seed * 1000,
+    n = 2 * n_pairs if unpaired else n_pairs
+    valid = n if valid is None else valid
+    b["pair_valid"] = (np.arange(n) < valid).astype(np.float32)
+    b["example_index"] = np.where(np.arange(n) < valid, np.arange(n) + seed * 1000,
                                   -1).astype(np.int32)
-    b["label"] = (np.arange(n_pairs) % 2 == 0).astype(np.int32)
+    if unpaired:
+        b["label"] = (np.arange(n) % 2 == 0).astype(np.int32)
     return b

@@ -1,0 +1,92 @@
+"""Assemble a step from frozen configs: StepSetup, the initial sharded state, the jitted step.
+
+Everything here runs outside jit: it reads configs, splits the model and places arrays; the
+returned step function is compiled once for the batch shape it first sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from prefopt_jax import losses
+from prefopt_jax.models import lora as lora_lib
+from prefopt_jax.train import optim, reference, step as step_lib
+from prefopt_jax.train.state import StepSetup, TrainState, tree_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """The objective: a registry name and its hyperparameters (sorted name/value pairs)."""
+
+    loss: str = "dpo"
+    hyper: tuple = ()
+    reference: reference.ReferenceConfig = reference.ReferenceConfig()
+
+
+def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
+               lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512) -> StepSetup:
+    """The static half of a step; unknown loss names fail here, before any compute."""
+    fn = losses.get(algo.loss)
+    if algo.reference.kind == "lora" and lora is None:
+        raise ValueError("reference kind 'lora' needs LoRA training (a LoraConfig)")
+    return StepSetup(graphdef=graphdef, tx=optim.build_optimizer(optim_config), loss_fn=fn,
+                     loss_kind=step_lib.loss_kind(fn), hyper=tuple(sorted(dict(algo.hyper).items())),
+                     reference=reference.Reference(algo.reference), lora=lora,
+                     logps_chunk=logps_chunk, fp32_state=optim_config.fp32_state)
+
+
+def initial_loss_state(setup: StepSetup, batch_m) -> Any:
+    """The loss state a stateful objective starts from (structure from one abstract call)."""
+    def probe(batch):
+        q, c = batch["completion_mask"].shape
+        zeros = jnp.zeros((q, c), jnp.float32)
+        ref = None if setup.reference.kind == "none" else zeros
+        inputs = step_lib.INPUT_BUILDERS[setup.loss_kind](zeros, ref, batch)
+        return setup.loss_fn(inputs, None, **dict(setup.hyper)).state
+
+    shapes = jax.eval_shape(probe, jax.tree.map(lambda x: x[0], batch_m))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def split_model(model: nnx.Module, setup_lora: lora_lib.LoraConfig | None, seed: int):
+    """(graphdef, trainable, base, rest): adapters train under LoRA, else the model's Params."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if setup_lora is None:
+        return graphdef, params, None, rest
+    adapters = lora_lib.init_adapters(params, setup_lora, jax.random.key(seed + 1))
+    return graphdef, adapters, params, rest
+
+
+def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed: int):
+    """The initial TrainState, built under jit with out_shardings from the logical axes."""
+    loss_state = initial_loss_state(setup, batch_m)
+    init = lambda p, b, r: step_lib.init_state(setup, p, b, r, loss_state, seed)  # noqa: E731
+    abstract = jax.eval_shape(init, params, base, rest)
+    shardings = tree_shardings(abstract, mesh)
+    arg_sh = tree_shardings((params, base, rest), mesh)
+    with jax.set_mesh(mesh):
+        args = jax.device_put((params, base, rest), arg_sh)
+        state = jax.jit(init, out_shardings=shardings)(*args)
+    return state, abstract
+
+
+def build(model: nnx.Module, algo: AlgoConfig, optim_config: optim.OptimConfig, batch_m,
+          mesh: Mesh, lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512,
+          seed: int = 0):
+    """(setup, state, step_fn, batch_shardings) ready to train on batches shaped like `batch_m`."""
+    graphdef, params, base, rest = split_model(model, lora, seed)
+    setup = make_setup(graphdef, algo, optim_config, lora, logps_chunk)
+    state, abstract = place_state(setup, params, base, rest, batch_m, mesh, seed)
+    step_fn, _, batch_sh = step_lib.compile_train_step(setup, abstract, batch_m, mesh)
+    return setup, state, step_fn, batch_sh
+
+
+def stack_micro(batches: list[dict]) -> dict:
+    """Stack micro-batches on a new leading axis (the step's `m`)."""
+    return {k: jnp.stack([jnp.asarray(b[k]) for b in batches]) for k in batches[0]}

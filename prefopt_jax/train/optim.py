@@ -1,0 +1,117 @@
+"""Optimisers and learning-rate schedules from optax, described by a frozen config.
+
+`OptimConfig` is what gin binds; `build_optimizer` turns it into an `optax.GradientTransformation`
+(clipping, the chosen optimiser, weight decay with a mask) outside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+NO_DECAY_DEFAULT = ("norm", "bias", "scale", "embed_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and gradient handling.
+
+    Attributes:
+      name: one of `OPTIMIZERS` (adamw, adafactor, lion, sgd).
+      learning_rate: peak learning rate.
+      schedule: one of `SCHEDULES` (cosine, linear, constant), applied after warmup.
+      warmup_steps: linear warmup from 0 to the peak.
+      total_steps: steps the schedule spans (decay reaches `end_lr_fraction * peak`).
+      end_lr_fraction: final learning rate as a fraction of the peak.
+      weight_decay: decoupled weight decay (adamw, lion, adafactor).
+      no_decay: parameters whose path contains one of these names get no weight decay.
+      b1, b2, eps: moment decays and epsilon (adamw, lion: b1/b2; sgd: b1 is momentum).
+      max_grad_norm: clip gradients to this global norm (0 = off).
+      fp32_state: keep optimiser state (and the update) in float32 even for bf16 params.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-5
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0
+    no_decay: tuple[str, ...] = NO_DECAY_DEFAULT
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    fp32_state: bool = True
+
+
+def _cosine(c: OptimConfig, steps: int):
+    return optax.cosine_decay_schedule(c.learning_rate, max(steps, 1), alpha=c.end_lr_fraction)
+
+
+def _linear(c: OptimConfig, steps: int):
+    return optax.linear_schedule(c.learning_rate, c.learning_rate * c.end_lr_fraction,
+                                 max(steps, 1))
+
+
+def _constant(c: OptimConfig, steps: int):
+    return optax.constant_schedule(c.learning_rate)
+
+
+SCHEDULES = {"cosine": _cosine, "linear": _linear, "constant": _constant}
+
+
+def schedule(c: OptimConfig) -> optax.Schedule:
+    """Warmup (linear from 0) then the configured decay."""
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {c.schedule!r}; known: {sorted(SCHEDULES)}")
+    decay = SCHEDULES[c.schedule](c, c.total_steps - c.warmup_steps)
+    if c.warmup_steps <= 0:
+        return decay
+    warm = optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)
+    return optax.join_schedules([warm, decay], [c.warmup_steps])
+
+
+def decay_mask(params, no_decay: tuple[str, ...]):
+    """True for parameters that get weight decay: not 1-d, and no `no_decay` name in the path."""
+    def keep(path, leaf):
+        names = "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path).lower()
+        return getattr(leaf, "ndim", 0) > 1 and not any(n in names for n in no_decay)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def _adamw(c, lr, mask):
+    return optax.adamw(lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=mask)
+
+
+def _adafactor(c, lr, mask):
+    return optax.adafactor(lr, weight_decay_rate=c.weight_decay or None,
+                           weight_decay_mask=mask)
+
+
+def _lion(c, lr, mask):
+    return optax.lion(lr, c.b1, c.b2, weight_decay=c.weight_decay, mask=mask)
+
+
+def _sgd(c, lr, mask):
+    tx = optax.sgd(lr, momentum=c.b1 or None)
+    if c.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(c.weight_decay, mask), tx)
+    return tx
+
+
+OPTIMIZERS = {"adamw": _adamw, "adafactor": _adafactor, "lion": _lion, "sgd": _sgd}
+
+
+def build_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    """Clipping (when on) then the named optimiser with the schedule and decay mask."""
+    if c.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {c.name!r}; known: {sorted(OPTIMIZERS)}")
+    mask = lambda params: decay_mask(params, c.no_decay)  # noqa: E731
+    tx = OPTIMIZERS[c.name](c, schedule(c), mask)
+    if c.max_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), tx)
+    return tx
