@@ -47,13 +47,15 @@ def text_lengths(rng: np.random.Generator, median: float, size=None) -> np.ndarr
 
 
 def synthetic_rows(n: int, fmt: str = "preference", conversational: bool = False,
-                   seed: int = 0) -> list[dict]:
-    """n valid rows of a format (see formats.FORMATS), with long-tailed lengths."""
+                   seed: int = 0, prompt_words: float = 8, completion_words: float = 12
+                   ) -> list[dict]:
+    """n valid rows of a format (see formats.FORMATS), with long-tailed lengths (median words)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        prompt = f"q{i} " + words(rng, text_lengths(rng, 8))
-        texts = [f"a{i}.{j} " + words(rng, text_lengths(rng, 12)) for j in range(4)]
+        prompt = f"q{i} " + words(rng, text_lengths(rng, prompt_words))
+        texts = [f"a{i}.{j} " + words(rng, text_lengths(rng, completion_words))
+                 for j in range(4)]
         rows.append(row_of(fmt, prompt, texts, rng, conversational))
     return rows
 
