@@ -1,0 +1,236 @@
+"""The training loop: build everything from frozen specs, step, log, checkpoint, resume, export.
+
+Shape letters: `m` micro-batches, `r` rows, `l` row length, `q` sequences, `c` completion
+positions.
+
+A run is a pure function of its specs and the data: restarting the same command resumes from
+the newest complete checkpoint (state, optimiser, step, RNG, loss state and data position) and
+produces exactly the metrics an uninterrupted run produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefopt_jax import data as data_lib
+from prefopt_jax.models import lora as lora_lib
+from prefopt_jax.models import sharding as sharding_lib
+from prefopt_jax.train import build, optim, tiny
+from prefopt_jax.train.checkpoint import Checkpointer
+from prefopt_jax.train.metrics import MetricsWriter, means
+from prefopt_jax.train.state import policy_params
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model: `tiny` (random, for smoke runs), a built-in name, a HF directory or .gguf.
+
+    `overrides` are ModelConfig fields (e.g. remat_policy, scan_layers) as (name, value) pairs.
+    """
+
+    source: str = "tiny"
+    dtype: str = "float32"
+    param_dtype: str | None = None
+    overrides: tuple = ()
+    lora: lora_lib.LoraConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Which data and how it is batched; `source="tiny"` is synthetic data for the tiny model."""
+
+    source: str = "tiny"
+    layout: str = "padded"
+    batch_size: int = 8
+    micro_batches: int = 1
+    max_length: int | None = 512
+    tiny_examples: int = 64
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Steps, seeds, outputs and checkpoints."""
+
+    steps: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    logps_chunk: int = 512
+    export: bool = True
+    mesh_shape: tuple = (1, 1, 1)
+
+
+def load_model(spec: ModelSpec):
+    """(model, tokenizer): the tiny random model, or weights from disk (never downloaded)."""
+    overrides = dict(spec.overrides)
+    dtype = jnp.dtype(spec.dtype)
+    if spec.param_dtype:
+        overrides["param_dtype"] = jnp.dtype(spec.param_dtype)
+    if spec.source == "tiny":
+        config = tiny.config(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype),
+                             **overrides)
+        return tiny_model(config), None
+    from prefopt_jax.models import from_pretrained
+    return from_pretrained(spec.source, dtype=dtype, **overrides)
+
+
+def tiny_model(config):
+    from prefopt_jax.models import Transformer
+    return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int) -> data_lib.Loader:
+    """This host's loader (multi-host: its own slice of the examples)."""
+    layout = data_lib.LayoutConfig(kind=spec.layout)
+    pi, pc = jax.process_index(), jax.process_count()
+    per_host = spec.batch_size // pc
+    if spec.source == "tiny":
+        from prefopt_jax.data.synthetic import synthetic_tokenized
+        full = synthetic_tokenized(spec.tiny_examples, seed=seed, prompt_median=6,
+                                   completion_median=8, max_length=48, vocab_size=vocab_size)
+        lo, hi = data_lib.shard_range(len(full), pi, pc)
+        local = full.select(np.arange(lo, hi)) if pc > 1 else full
+        return data_lib.Loader(local, per_host, layout, seed=seed, shuffle=spec.shuffle,
+                               num_epochs=None)
+    config = data_lib.DataConfig(max_length=spec.max_length, seed=seed)
+    prepared, report = data_lib.prepare(data_lib.open_source(spec.source), tokenizer, config,
+                                        pi, pc)
+    print(report.summary(), flush=True)
+    return data_lib.Loader(prepared, per_host, layout, seed=seed, shuffle=spec.shuffle,
+                           num_epochs=None)
+
+
+def agreed_shape(loader: data_lib.Loader, count: int) -> data_lib.Shape:
+    """The elementwise max shape of the next `count` batches over all hosts (static shapes)."""
+    saved = loader.state_dict()
+    shapes = []
+    for _ in range(count):
+        shapes.append(loader.peek_shape())
+        loader.step += 1
+        if loader.step == loader.steps_per_epoch:
+            loader.epoch, loader.step = loader.epoch + 1, 0
+    loader.load_state_dict(saved)
+    shape_3 = np.max(np.asarray(shapes, np.int64), axis=0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        shape_3 = np.max(multihost_utils.process_allgather(shape_3), axis=0)
+    return data_lib.Shape(*(int(x) for x in shape_3))
+
+
+def next_batch_m(loader: data_lib.Loader, micro: int) -> dict:
+    """`micro` loader batches of one agreed shape, stacked on a leading axis (numpy)."""
+    shape = agreed_shape(loader, micro)
+    batches = [loader.next_batch(min_shape=shape) for _ in range(micro)]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def to_global(batch_m: dict, shardings: dict) -> dict:
+    """Global arrays from each host's local slice (identity on one process)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v)
+            for k, v in batch_m.items()}
+
+
+class Stop:
+    """Set by SIGTERM: checkpoint after the current step and leave."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def check_finite(step: int, values: dict, batch_m: dict, last_good: int | None) -> None:
+    """A non-finite loss stops the run, naming the step, the examples and the last checkpoint."""
+    if np.isfinite(values.get("loss", 0.0)):
+        return
+    idx = np.asarray(batch_m["example_index"]).reshape(-1)
+    idx = sorted(int(i) for i in idx if i >= 0)
+    raise FloatingPointError(
+        f"non-finite loss {values.get('loss')} at step {step}; batch examples {idx}; "
+        f"last good checkpoint: {last_good if last_good is not None else 'none'}")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run holds between steps (host side)."""
+
+    setup: Any
+    state: Any
+    step_fn: Any
+    batch_sh: dict
+    abstract: Any
+    state_sh: Any
+    loader: data_lib.Loader
+    tokenizer: Any
+    mesh: Any
+
+
+def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
+          optim_config: optim.OptimConfig, loop: LoopConfig) -> Run:
+    """Model, loader, sharded state and the compiled step (before any checkpoint restore)."""
+    model, tokenizer = load_model(model_spec)
+    loader = make_loader(data_spec, tokenizer, loop.seed, model.config.vocab_size)
+    mesh = sharding_lib.make_mesh(loop.mesh_shape)
+    probe = next_batch_m(loader, data_spec.micro_batches)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
+    graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
+    setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora, loop.logps_chunk)
+    state, abstract = build.place_state(setup, params, base, rest, probe, mesh, loop.seed)
+    step_fn, state_sh, batch_sh = build.step_lib.compile_train_step(setup, abstract, probe,
+                                                                    mesh)
+    return Run(setup, state, step_fn, batch_sh, abstract, state_sh, loader, tokenizer, mesh)
+
+
+def export(run: Run, directory: str) -> str:
+    """The policy (LoRA merged) in Hugging Face format."""
+    from prefopt_jax.models import save_pretrained
+    params = jax.device_get(policy_params(run.setup, run.state))
+    model = nnx.merge(run.setup.graphdef, params, jax.device_get(run.state.rest))
+    return str(save_pretrained(model, directory, run.tokenizer))
+
+
+def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
+          optim_config: optim.OptimConfig, loop: LoopConfig) -> dict:
+    """Train (or resume) to `loop.steps`; returns the last step's metric means."""
+    run = start(model_spec, data_spec, algo, optim_config, loop)
+    ckpt = Checkpointer(os.path.join(loop.output_dir, "checkpoints"), loop.keep_checkpoints)
+    first = ckpt.latest_step() or 0
+    if first:
+        run.state, data_state = ckpt.restore(first, run.abstract, run.state_sh)
+        run.loader.load_state_dict(data_state)
+    writer = MetricsWriter(loop.output_dir, loop.steps, first)
+    stop, values, tokens = Stop(), {}, 0.0
+    with jax.set_mesh(run.mesh):
+        for step in range(first + 1, loop.steps + 1):
+            batch_m = next_batch_m(run.loader, data_spec.micro_batches)
+            run.state, metrics = run.step_fn(run.state, to_global(batch_m, run.batch_sh))
+            values = means(metrics)
+            check_finite(step, values, batch_m, ckpt.latest_step())
+            tokens += float(np.sum(batch_m["completion_mask"]))
+            writer.write(step, values)
+            if step % loop.log_every == 0:
+                writer.progress(step, values, tokens)
+            if step % loop.checkpoint_every == 0 or step == loop.steps or stop.requested:
+                ckpt.save(step, run.state, run.loader.state_dict(), force=True)
+            if stop.requested:
+                print(f"SIGTERM: checkpointed step {step}; restart to resume", flush=True)
+                break
+    ckpt.close()
+    writer.close()
+    if loop.export and not stop.requested and jax.process_index() == 0:
+        export(run, os.path.join(loop.output_dir, "export"))
+    return values

@@ -1,0 +1,73 @@
+"""Metrics out of the step: (sum, count) pairs to means, JSONL, TensorBoard and a progress line.
+
+Only process 0 writes. Resuming truncates the JSONL log to the restored step, so a resumed run's
+log equals an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def means(metrics: dict) -> dict[str, float]:
+    """(sum, count) pairs as plain float means (count 0 gives 0)."""
+    out = {}
+    for name, (total, count) in jax.device_get(metrics).items():
+        out[name] = float(np.asarray(total) / max(float(np.asarray(count)), 1.0))
+    return out
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop records after `last_step` (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard + progress; a no-op on processes other than 0."""
+
+    def __init__(self, directory: str, total_steps: int, resume_step: int = 0):
+        self.active = jax.process_index() == 0
+        self.total_steps, self.start = total_steps, resume_step
+        self.t0 = time.time()
+        self.path = os.path.join(directory, "metrics.jsonl")
+        if not self.active:
+            return
+        os.makedirs(directory, exist_ok=True)
+        truncate_jsonl(self.path, resume_step)
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(directory, "tb"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """One record per step: JSONL line and TensorBoard scalars."""
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}, sort_keys=True) + "\n")
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
+
+    def progress(self, step: int, values: dict[str, float], tokens: float) -> str:
+        """Step, loss, reward accuracy, tokens/s and ETA as one line (printed by process 0)."""
+        elapsed = max(time.time() - self.t0, 1e-9)
+        done = max(step - self.start, 1)
+        eta = elapsed / done * (self.total_steps - step)
+        line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
+                f"acc {values.get('rewards/accuracy', float('nan')):.3f} "
+                f"tok/s {tokens / elapsed:.0f} eta {eta:.0f}s")
+        if self.active:
+            print(line, flush=True)
+        return line
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
