@@ -1,8 +1,10 @@
 """Every registered loss against its independent numpy transcription (losses_np_ref.py).
 
-Random inputs with ragged masks, per-pair weights and filler examples full of garbage.
+Random inputs with ragged masks, per-pair weights and filler examples full of garbage; the
+same call checks that gradients are finite and exactly zero on the filler examples.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +40,27 @@ CALLS = [(name, {}) for name in losses.names()]
 CALLS += [(name, hyper) for name, hypers in VARIANTS.items() for hyper in hypers]
 
 
+# The differentiable (policy) field of each input family, and its validity field.
+POLICY = {"pairwise": ("logps_w_pc", "valid_p"), "unpaired": ("logps_nc", "valid_n"),
+          "listwise": ("logps_pkc", "valid_p"), "reward": ("reward_w_p", "valid_p"),
+          "distill": ("logits_ncv", "valid_n")}
+
+
+def _loss_and_grads(fn, inputs, hyper, fam):
+    """LossOutput and d mean_loss / d policy field, checking the gradient on the way."""
+    field, valid_field = POLICY[fam]
+
+    def loss(x):
+        out = fn(inputs.replace(**{field: x}), **hyper)
+        return losses.mean_loss(out), out
+
+    (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(getattr(inputs, field))
+    grad = np.asarray(grad)
+    assert np.all(np.isfinite(grad))
+    assert np.all(grad[np.asarray(getattr(inputs, valid_field)) == 0] == 0.0)
+    return out, grad
+
+
 def _ids(call):
     name, hyper = call
     return name + "".join(f"-{k}={v}" for k, v in hyper.items())
@@ -60,7 +83,8 @@ def test_matches_numpy_reference(call):
     make_case, make_inputs = CASES[family(name)]
     extra = {"n_other": len(hyper["weights"]) - 1} if "weights" in hyper else {}
     case = make_case(seed=7, **extra)
-    out = fn(make_inputs(case), **hyper)
+    inputs = make_inputs(case)
+    out, grads = _loss_and_grads(fn, inputs, hyper, family(name))
     want = ref(case, **hyper)
     if name in STATEFUL:
         want, want_state = want
