@@ -56,12 +56,18 @@ class LayoutFigures:
     tokens_per_row: float
     rows_per_batch: float
     row_length: float
+    tokens_per_batch: float
+    slots_per_batch: float
     shapes: int
 
 
 def layout_figures(data: TokenizedData, batch_size: int, layout: LayoutConfig,
                    max_batches: int | None = None) -> LayoutFigures:
-    """Padding fraction, real tokens per row and distinct shapes over an epoch (or a prefix)."""
+    """Padding fraction, real tokens per row and distinct shapes over an epoch (or a prefix).
+
+    slots_per_batch (R * L) is what the step computes on; tokens_per_batch is how much of it is
+    real (prefix sharing lowers it by storing each prompt once).
+    """
     loader = Loader(data, batch_size, layout, seed=0)
     real = slots = rows = 0
     shapes = set()
@@ -74,4 +80,4 @@ def layout_figures(data: TokenizedData, batch_size: int, layout: LayoutConfig,
         shapes.add((r, l, batch["source_index"].shape[1]))
     batches = min(loader.steps_per_epoch, max_batches or loader.steps_per_epoch)
     return LayoutFigures(layout.kind, 1 - real / slots, real / rows, rows / batches,
-                         slots / rows, len(shapes))
+                         slots / rows, real / batches, slots / batches, len(shapes))
