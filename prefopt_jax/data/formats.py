@@ -48,7 +48,6 @@ KIND_OF_FORMAT = {
 RANKED_MODES = ("best_vs_worst", "all_pairs", "best_vs_random", "listwise")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 DETECT_ROWS = 256
-_SIGNATURE = frozenset(f for fields in FORMATS.values() for f in fields)
 
 
 class DataError(ValueError):
@@ -75,16 +74,29 @@ def present(row: dict, field: str) -> bool:
     return row.get(field) is not None
 
 
+def redundant_prompt(row: dict) -> bool:
+    """A prompt column of another style than chosen (text vs messages): TRL ignores such a column
+    and takes the prompt from the shared prefix of chosen and rejected."""
+    prompt, chosen = row.get("prompt"), row.get("chosen")
+    return ((isinstance(prompt, str) and isinstance(chosen, (list, tuple)))
+            or (isinstance(prompt, (list, tuple)) and isinstance(chosen, str)))
+
+
+def row_format(row: dict) -> str | None:
+    """The format a row follows on its own, or None."""
+    for name, fields in FORMATS.items():
+        if all(present(row, f) for f in fields):
+            return "implicit_preference" if name == "preference" and redundant_prompt(row) \
+                else name
+    return None
+
+
 def detect_format(rows: Sequence[dict]) -> str:
     """Names the format most of the given rows follow (ties go to the richer format)."""
-    votes = Counter()
-    for row in rows[:DETECT_ROWS]:
-        for name, fields in FORMATS.items():
-            if all(present(row, f) for f in fields):
-                votes[name] += 1
-                break
+    votes = Counter(row_format(row) for row in rows[:DETECT_ROWS] if isinstance(row, dict))
+    votes.pop(None, None)
     if not votes:
-        columns = sorted(rows[0]) if rows else []
+        columns = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
         known = "; ".join(f"{k}: {', '.join(v)}" for k, v in FORMATS.items())
         raise DataError(0, None, f"no known format in columns {columns}; expected {known}")
     order = list(FORMATS)
@@ -100,25 +112,21 @@ def detect_conversational(rows: Sequence[dict], fmt: str) -> bool:
 
 
 def check_format(row: dict, index: int, fmt: str) -> None:
-    """Raises if a row lacks a field of fmt or carries the signature of another format."""
-    required = FORMATS[fmt]
-    foreign = sorted(f for f in _SIGNATURE - set(required) if present(row, f))
-    missing = [f for f in required if not present(row, f)]
-    other = next((name for name, fields in FORMATS.items()
-                  if name != fmt and all(present(row, f) for f in fields)), None)
-    if other is not None and (missing or foreign):
-        raise DataError(index, (missing or foreign)[0],
-                        f"mixed formats: the dataset is '{fmt}' ({', '.join(required)}) "
-                        f"but this row is '{other}' ({', '.join(FORMATS[other])})")
-    if missing:
+    """Raises if a row lacks a field of fmt or follows another format."""
+    own = row_format(row)
+    if own == fmt:
+        return
+    missing = [f for f in FORMATS[fmt] if not present(row, f)]
+    if own is None:
         raise DataError(index, missing[0], f"missing field (format '{fmt}' needs "
-                        f"{', '.join(required)})")
-    if foreign and not (fmt == "implicit_preference" and foreign == ["prompt"]):
-        raise DataError(index, foreign[0], f"mixed formats: field of another format in a "
-                        f"'{fmt}' dataset")
-    if fmt == "implicit_preference" and foreign:
-        raise DataError(index, "prompt", "mixed formats: explicit prompt in a dataset "
-                        "of implicit-prompt rows")
+                        f"{', '.join(FORMATS[fmt])})")
+    # Name what makes the row differ: a field it lacks, one it has extra, or the prompt (a
+    # prompt column of another style than chosen is what makes a row implicit).
+    extra = [f for f in FORMATS[own] if f not in FORMATS[fmt]]
+    field = (missing or extra or ["prompt"])[0]
+    raise DataError(index, field, f"mixed formats: the dataset is '{fmt}' "
+                    f"({', '.join(FORMATS[fmt])}) but this row is '{own}' "
+                    f"({', '.join(FORMATS[own])})")
 
 
 def check_text(value: Any, index: int, field: str, conversational: bool,

@@ -173,3 +173,19 @@ def test_optional_fields_carried_to_the_batch(tok):
     assert batch["score_chosen"][0] == 9 and math.isnan(batch["score_chosen"][1])
     assert batch["score_rejected"][1] == 1.5 and math.isnan(batch["score_rejected"][0])
     assert batch["example_index"].tolist() == [0, 1, -1]
+
+
+def test_ultrafeedback_style_text_prompt_beside_whole_conversations(tok, write_jsonl, tmp_path):
+    """As in TRL, a prompt column of another style than chosen is ignored: the prompt is implicit."""
+    user = chat("user", "what colour is the sky")
+    rows = [{"prompt": "what colour is the sky", "prompt_id": "x1",
+             "chosen": [user, chat("assistant", "blue")],
+             "rejected": [user, chat("assistant", "green")],
+             "messages": [user, chat("assistant", "blue")],
+             "score_chosen": 8.0, "score_rejected": 5.0}] * 2
+    data, report = prepare(write_jsonl(tmp_path / "uf.jsonl", rows), tok, config())
+    assert (report.format, report.conversational) == ("implicit_preference", True)
+    assert decode(tok, data.prompt(0)) == tok.apply_chat_template(
+        [user], tokenize=False, add_generation_prompt=True)
+    assert decode(tok, data.completion(0, 1)) == "green<|end|>"
+    assert data.fields["score_chosen"].tolist() == [8.0, 8.0]
