@@ -19,7 +19,7 @@ gives ``log pi(a|s)``.
 
 Shape suffixes: ``p`` prompts, ``n`` choice nodes, ``m`` all nodes (choice then terminal),
 ``v`` vocabulary (actions), ``s`` responses of a prompt, ``h`` response positions, ``k`` pairs,
-``w`` beams.
+``w`` beams, ``i`` optimisation steps.
 """
 
 import dataclasses
@@ -138,7 +138,7 @@ def random_mdp(vocab_size=3, horizon=3, num_prompts=2, beta=1.0, reward_scale=1.
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
-    """Soft-optimal quantities: ``Q*`` ``[P, N, V]``, ``V*`` ``[P, M]`` (terminal 0), ``log pi*``."""
+    """Soft-optimal ``Q*`` ``[P, N, V]``, ``V*`` ``[P, M]`` (0 at terminals) and ``log pi*``."""
 
     q_pnv: np.ndarray
     values_pm: np.ndarray
@@ -301,7 +301,8 @@ def all_pairs(mdp, data_logps_ps=None):
     keep = chosen != rejected
     prompt, chosen, rejected = prompt[keep], chosen[keep], rejected[keep]
     diff_k = rewards_ps[prompt, chosen] - rewards_ps[prompt, rejected]
-    weight_k = np.exp(logps_ps[prompt, chosen] + logps_ps[prompt, rejected]) / (1 + np.exp(-diff_k))
+    data_k = np.exp(logps_ps[prompt, chosen] + logps_ps[prompt, rejected])
+    weight_k = data_k / (1 + np.exp(-diff_k))
     # Normalise within each prompt (conditioning on y1 != y2), then weigh prompts equally.
     prompt_total_p = np.bincount(prompt, weights=weight_k, minlength=num_p)
     return PairSet(prompt, chosen, rejected, weight_k / (num_p * prompt_total_p[prompt]))
@@ -364,12 +365,25 @@ def pairwise_inputs(logits_pnv, ref_logits_pnv, pairs, tree):
         ref_logps_l_pc=gather(ref_logits_pnv, rejected_k) if has_ref else None)
 
 
-def expected_loss(logits_pnv, loss_fn, pairs, tree, ref_logits_pnv, hyper):
+def pair_token_values(values_pnv, pairs, tree):
+    """Per-node-and-token tabular values (e.g. frozen token rewards for ``tgdpo``) gathered along
+    the chosen and rejected responses of each pair: two ``[K, H]`` arrays."""
+    values_pnv = jnp.asarray(values_pnv, jnp.float32)
+    prompt_k1 = jnp.asarray(pairs.prompt_k)[:, None]
+    return tuple(values_pnv[prompt_k1, tree.nodes_sh[seq_k], tree.tokens_sh[seq_k]]
+                 for seq_k in (pairs.chosen_k, pairs.rejected_k))
+
+
+def expected_loss(logits_pnv, loss_fn, pairs, tree, ref_logits_pnv, hyper, extra_inputs=None):
     """The pair-weighted loss ``sum_k weight_k loss_k`` (the exact expectation for ``all_pairs``).
 
     Weights are applied here rather than through ``weight_p``, so any registered loss works.
+    ``extra_inputs`` are further ``PairwiseInputs`` fields aligned with the pairs (``extras``,
+    ``margin_p``, ``token_rewards_w_pc``, ...) for losses that need them.
     """
     inputs = pairwise_inputs(logits_pnv, ref_logits_pnv, pairs, tree)
+    if extra_inputs:
+        inputs = inputs.replace(**extra_inputs)
     out = loss_fn(inputs, **hyper)
     return jnp.sum(jnp.asarray(pairs.weight_k, jnp.float32) * out.loss_p)
 
@@ -411,7 +425,7 @@ def _optimizer(optimizer, learning_rate):
 
 
 def fit(mdp, loss, pairs, *, hyper=None, init_logits_pnv=None, ref_logits_pnv=None,
-        optimizer="lbfgs", steps=200, learning_rate=0.05, tol=1e-8):
+        extra_inputs=None, optimizer="lbfgs", steps=200, learning_rate=0.05, tol=1e-8):
     """Minimises a registered pairwise loss's weighted loss over ``pairs`` on a tabular policy.
 
     Args:
@@ -420,6 +434,8 @@ def fit(mdp, loss, pairs, *, hyper=None, init_logits_pnv=None, ref_logits_pnv=No
       pairs: a ``PairSet`` (``all_pairs`` for the exact expected loss, or ``sample_pairs``).
       hyper: keyword hyperparameters of the loss (e.g. ``{"beta": mdp.beta}``); none by default.
       init_logits_pnv, ref_logits_pnv: start and loss reference; both default to ``pi_ref``.
+      extra_inputs: further ``PairwiseInputs`` fields for losses that need them (see
+        ``expected_loss``; ``pair_token_values`` gathers per-token ones).
       optimizer: "lbfgs", "adam" or an optax transformation (line-search ones need "lbfgs").
       steps: a fixed number of steps (one compiled scan); updates stop once the gradient norm
         falls below ``tol``.
@@ -429,7 +445,8 @@ def fit(mdp, loss, pairs, *, hyper=None, init_logits_pnv=None, ref_logits_pnv=No
                       jnp.float32)
     init = ref if init_logits_pnv is None else jnp.asarray(init_logits_pnv, jnp.float32)
     objective = functools.partial(expected_loss, loss_fn=loss_fn, pairs=pairs, tree=mdp.tree,
-                                  ref_logits_pnv=ref, hyper=dict(hyper or {}))
+                                  ref_logits_pnv=ref, hyper=dict(hyper or {}),
+                                  extra_inputs=extra_inputs)
     record = functools.partial(pair_reward_means, ref_logits_pnv=ref, pairs=pairs,
                                tree=mdp.tree, beta=mdp.beta)
     opt = _optimizer(optimizer, learning_rate)

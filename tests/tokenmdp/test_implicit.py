@@ -1,4 +1,4 @@
-"""Implicit rewards, returns, KL and soft values: hand-computed cases and the exact tabular solver."""
+"""Implicit rewards, returns, KL and soft values: hand-computed cases and the tabular solver."""
 
 import math
 

@@ -167,3 +167,16 @@ def test_beam_search(mdp, fitted):
         greedy.append(int(np.argmax(logp_nv[node])))
         node = tree.child_nv[node, greedy[-1]]
     np.testing.assert_array_equal(tabular.beam_search(mdp.ref_logits_pnv, tree, 1)[0][0], greedy)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "robust", "sigmoid_norm", "cpo", "tgdpo"])
+def test_other_registered_losses_train(mdp, pairs, loss):
+    """Any registered pairwise loss trains here; tgdpo gets frozen token rewards b log pi*/pi_ref
+    gathered per pair through ``extra_inputs``."""
+    extra = None
+    if loss == "tgdpo":
+        star_rewards_pnv = BETA * (tabular.solve(mdp).logps_pnv - mdp.ref_logps_pnv)
+        reward_w_kh, reward_l_kh = tabular.pair_token_values(star_rewards_pnv, pairs, mdp.tree)
+        extra = {"token_rewards_w_pc": reward_w_kh, "token_rewards_l_pc": reward_l_kh}
+    res = tabular.fit(mdp, loss, pairs, extra_inputs=extra, optimizer="adam", steps=20)
+    assert np.all(np.isfinite(res.loss_i)) and res.loss_i[-1] < res.loss_i[0]
