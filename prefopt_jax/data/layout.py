@@ -155,30 +155,45 @@ def empty_batch(shape: Shape, num_slots: int, k: int, pad_id: int) -> dict:
 def write_example(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
                   layout: LayoutConfig, segments_r: np.ndarray) -> None:
     """Writes example i (local position) into batch slot `slot` at its row and offset."""
+    if layout.shares_prefix:
+        write_shared(batch, data, i, slot, row, offset, segments_r)
+    else:
+        write_separate(batch, data, i, slot, row, offset, layout.packs, segments_r)
+
+
+def write_shared(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
+                 segments_r: np.ndarray) -> None:
+    """One segment: the prompt (branch 0), then completion j as branch j + 1."""
     k, prompt = data.num_completions, data.prompt(i)
     lp = len(prompt)
-    if layout.shares_prefix:
-        segments_r[row] += 1
-        cursor = fill(batch, row, offset, prompt, 0, segments_r[row], 0)
+    segments_r[row] += 1
+    cursor = fill(batch, row, offset, prompt, 0, segments_r[row], 0)
     for j in range(k):
         completion = data.completion(i, j)
-        if len(completion) == 0:
-            continue
-        if layout.shares_prefix:
-            r = row
-            # Branch j + 1 sees the prompt and itself; its first token is predicted from the
-            # last prompt token, which may sit before other branches.
+        if len(completion):
             start = cursor
             cursor = fill(batch, row, start, completion, lp, segments_r[row], j + 1)
-            first_source = offset + lp - 1
-        else:
-            # Padded: side j has its own row; packed: sides follow each other in one row.
-            r, o = (row, offset) if layout.packs else (row + j, 0)
-            segments_r[r] += 1
-            start = fill(batch, r, o, prompt, 0, segments_r[r], 0)
-            end = fill(batch, r, start, completion, lp, segments_r[r], 0)
-            offset, first_source = end, start - 1
-        set_targets(batch, slot * k + j, r, start, first_source, completion)
+            # The first token is predicted from the last prompt token, which may sit before
+            # other branches; positions restart at lp so RoPE sees an unshared sequence.
+            set_targets(batch, slot * k + j, row, start, offset + lp - 1, completion)
+
+
+def write_separate(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
+                   packs: bool, segments_r: np.ndarray) -> None:
+    """One segment per completion, each with its own copy of the prompt.
+
+    Packed: the sides follow each other in one row; padded: side j has row `row + j`.
+    """
+    k, prompt = data.num_completions, data.prompt(i)
+    for j in range(k):
+        completion = data.completion(i, j)
+        if not len(completion):
+            continue
+        r, o = (row, offset) if packs else (row + j, 0)
+        segments_r[r] += 1
+        start = fill(batch, r, o, prompt, 0, segments_r[r], 0)
+        offset = fill(batch, r, start, completion, len(prompt), segments_r[r], 0)
+        set_targets(batch, slot * k + j, r, start, start - 1, completion)
 
 
 def fill(batch: dict, row: int, start: int, tokens: np.ndarray, first_position: int,

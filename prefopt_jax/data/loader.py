@@ -1,7 +1,7 @@
 """A deterministic, resumable loader of one host's examples as fixed-shape numpy batches.
 
 The order of an epoch is a pure function of (seed, epoch), and the loader's position is the small
-dict {epoch, step, seed, num_examples}; restoring it yields exactly the batches an uninterrupted
+dict {epoch, step, seed, steps_per_epoch}; restoring it yields exactly the batches an uninterrupted
 loader would. Each host loads its own slice (see pipeline.prepare) and runs its own Loader with
 the same batch size, so every host yields the same number of batches per epoch when
 steps_per_epoch is given (see multi-host notes on `Loader`).
@@ -88,16 +88,16 @@ class Loader:
         return self.next_batch()
 
     def state_dict(self) -> dict:
-        """The loader's position, for the checkpoint."""
+        """The loader's position, for the checkpoint (the same on every host)."""
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "num_examples": len(self.data)}
+                "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resumes from a saved position (refuses one taken on different data or seed)."""
-        if state["seed"] != self.seed or state.get("num_examples", len(self.data)) != len(
-                self.data):
-            raise ValueError(f"loader state {state} was saved with another seed or dataset "
-                             f"(seed {self.seed}, {len(self.data)} examples here)")
+        """Resumes from a saved position (refuses one taken with another seed or epoch length)."""
+        saved = (state["seed"], state.get("steps_per_epoch", self.steps_per_epoch))
+        if saved != (self.seed, self.steps_per_epoch):
+            raise ValueError(f"loader state {state} was saved with another seed or epoch length "
+                             f"(seed {self.seed}, {self.steps_per_epoch} steps per epoch here)")
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise ValueError(f"step {state['step']} outside an epoch of {self.steps_per_epoch}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

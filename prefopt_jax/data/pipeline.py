@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,7 @@ from prefopt_jax.data.tokenized import TokenizedData
 
 CACHE_VERSION = 1
 CHUNK_ROWS = 10_000
+log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "prefopt_jax", "data")
 
 
@@ -87,11 +89,21 @@ def prepare(source, tokenizer, config: DataConfig = DataConfig(), process_index:
     if config.cache_dir is not None:
         key = cache_key(src.fingerprint, (start, stop), config, tokenizer)
         path = os.path.join(config.cache_dir, f"{key}.npz")
-        if os.path.exists(path):
-            return load_cached(path)
+    if path is not None and os.path.exists(path):
+        data, report = load_cached(path)
+    else:
+        data, report = build(src, start, stop, tokenizer, config)
+        if path is not None:
+            data.save(path, extra={"report": np.array(report.to_json())})
+    log.info("%s", report.summary())
+    return data, report
+
+
+def build(src, start: int, stop: int, tokenizer, config: DataConfig):
+    """Reads rows [start, stop) of src, validates, transforms and tokenises them."""
     spec = format_spec(src, config)
-    report = DataReport(source=src.name, format=spec.format, conversational=spec.conversational,
-                        kind=spec.kind)
+    report = DataReport(source=src.name, rows=(start, stop, len(src)), format=spec.format,
+                        conversational=spec.conversational, kind=spec.kind)
     records = []
     for chunk in range(start, stop, CHUNK_ROWS):
         rows = src.rows(chunk, min(chunk + CHUNK_ROWS, stop))
@@ -107,8 +119,6 @@ def prepare(source, tokenizer, config: DataConfig = DataConfig(), process_index:
     report.counts["examples"] = len(data)
     if len(data) == 0:
         raise ValueError(f"no examples left from rows [{start}, {stop}):\n{report.summary()}")
-    if path is not None:
-        data.save(path, extra={"report": np.array(report.to_json())})
     return data, report
 
 

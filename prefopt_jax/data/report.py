@@ -19,6 +19,7 @@ class DataReport:
     """Counts and notes collected while reading, normalising and tokenising one data source."""
 
     source: str = ""
+    rows: tuple = ()
     format: str = ""
     conversational: bool = False
     kind: str = ""
@@ -45,12 +46,16 @@ class DataReport:
         raw = json.loads(text)
         raw["counts"] = Counter(raw["counts"])
         raw["skipped"] = [tuple(s) for s in raw["skipped"]]
+        raw["rows"] = tuple(raw["rows"])
         return cls(**raw)
 
     def summary(self) -> str:
         """A few human-readable lines: format, counts, and the first skipped rows."""
         style = "conversational" if self.conversational else "plain text"
         lines = [f"data {self.source}: format {self.format} ({style}), kind {self.kind}"]
+        if self.rows:
+            start, stop, total = self.rows
+            lines.append(f"  this host reads rows [{start}, {stop}) of {total}")
         lines += [f"  {name}: {count}" for name, count in sorted(self.counts.items()) if count]
         reasons = Counter(reason.split(":")[0].split(" (")[0] for _, _, reason in self.skipped)
         for reason, count in reasons.most_common():

@@ -52,12 +52,12 @@ def test_resume_yields_the_remaining_batches(stop_at):
     assert all(same(a, b) for a, b in zip(whole[stop_at:], rest))
 
 
-def test_resume_refuses_another_seed_or_dataset():
+def test_resume_refuses_another_seed_or_epoch_length():
     data = synthetic_tokenized(50, seed=0, max_length=256)
     state = Loader(data, 8, seed=1).state_dict()
-    with pytest.raises(ValueError, match="another seed or dataset"):
+    with pytest.raises(ValueError, match="another seed or epoch length"):
         Loader(data, 8, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="another seed or dataset"):
+    with pytest.raises(ValueError, match="another seed or epoch length"):
         Loader(data.select(np.arange(40)), 8, seed=1).load_state_dict(state)
 
 
