@@ -28,6 +28,10 @@ class AlgoConfig:
     hyper: tuple = ()
     reference: reference.ReferenceConfig = reference.ReferenceConfig()
 
+    def __post_init__(self):
+        # Gin hands over a dict; keep a hashable, ordered form.
+        object.__setattr__(self, "hyper", tuple(sorted(dict(self.hyper).items())))
+
 
 def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512) -> StepSetup:

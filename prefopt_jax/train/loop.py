@@ -43,6 +43,9 @@ class ModelSpec:
     overrides: tuple = ()
     lora: lora_lib.LoraConfig | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "overrides", tuple(sorted(dict(self.overrides).items())))
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -59,7 +62,7 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """Steps, seeds, outputs and checkpoints."""
+    """Steps, seeds, outputs and checkpoints (`checkpoint_every=0`: only on SIGTERM)."""
 
     steps: int = 10
     seed: int = 0
@@ -70,6 +73,9 @@ class LoopConfig:
     logps_chunk: int = 512
     export: bool = True
     mesh_shape: tuple = (1, 1, 1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
 
 
 def load_model(spec: ModelSpec):
@@ -91,15 +97,28 @@ def tiny_model(config):
     return Transformer(config, rngs=nnx.Rngs(0))
 
 
-def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int) -> data_lib.Loader:
+def tiny_data(n: int, seed: int, vocab_size: int, unpaired: bool):
+    """Synthetic tokenised examples; unpaired splits each pair into a desirable and an undesirable."""
+    from prefopt_jax.data.synthetic import synthetic_tokenized
+    from prefopt_jax.data.tokenized import from_lists
+    full = synthetic_tokenized(n, seed=seed, prompt_median=6, completion_median=8, max_length=48,
+                               vocab_size=vocab_size)
+    if not unpaired:
+        return full
+    prompts = [full.prompt(i // 2) for i in range(2 * n)]
+    completions = [full.completion(i // 2, i % 2) for i in range(2 * n)]
+    label = (np.arange(2 * n) % 2 == 0).astype(np.float32)
+    return from_lists("unpaired", 1, prompts, completions, np.arange(2 * n), {"label": label})
+
+
+def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int,
+                row_multiple: int = 1, unpaired: bool = False) -> data_lib.Loader:
     """This host's loader (multi-host: its own slice of the examples)."""
-    layout = data_lib.LayoutConfig(kind=spec.layout)
+    layout = data_lib.LayoutConfig(kind=spec.layout, row_multiple=row_multiple)
     pi, pc = jax.process_index(), jax.process_count()
     per_host = spec.batch_size // pc
     if spec.source == "tiny":
-        from prefopt_jax.data.synthetic import synthetic_tokenized
-        full = synthetic_tokenized(spec.tiny_examples, seed=seed, prompt_median=6,
-                                   completion_median=8, max_length=48, vocab_size=vocab_size)
+        full = tiny_data(spec.tiny_examples, seed, vocab_size, unpaired)
         lo, hi = data_lib.shard_range(len(full), pi, pc)
         local = full.select(np.arange(lo, hi)) if pc > 1 else full
         return data_lib.Loader(local, per_host, layout, seed=seed, shuffle=spec.shuffle,
@@ -183,12 +202,14 @@ def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
           optim_config: optim.OptimConfig, loop: LoopConfig) -> Run:
     """Model, loader, sharded state and the compiled step (before any checkpoint restore)."""
     model, tokenizer = load_model(model_spec)
-    loader = make_loader(data_spec, tokenizer, loop.seed, model.config.vocab_size)
     mesh = sharding_lib.make_mesh(loop.mesh_shape)
-    probe = next_batch_m(loader, data_spec.micro_batches)
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
     setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora, loop.logps_chunk)
+    loader = make_loader(data_spec, tokenizer, loop.seed, model.config.vocab_size, shards,
+                         unpaired=setup.loss_kind == "unpaired")
+    probe = next_batch_m(loader, data_spec.micro_batches)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
     state, abstract = build.place_state(setup, params, base, rest, probe, mesh, loop.seed)
     step_fn, state_sh, batch_sh = build.step_lib.compile_train_step(setup, abstract, probe,
                                                                     mesh)
@@ -224,7 +245,9 @@ def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
             writer.write(step, values)
             if step % loop.log_every == 0:
                 writer.progress(step, values, tokens)
-            if step % loop.checkpoint_every == 0 or step == loop.steps or stop.requested:
+            due = loop.checkpoint_every and (step % loop.checkpoint_every == 0
+                                             or step == loop.steps)
+            if due or stop.requested:
                 ckpt.save(step, run.state, run.loader.state_dict(), force=True)
             if stop.requested:
                 print(f"SIGTERM: checkpointed step {step}; restart to resume", flush=True)

@@ -96,6 +96,9 @@ def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Ar
     ref_qc = setup.reference.logps(
         lambda p: forward_logps(setup, p, state.rest, batch), state, batch)
     inputs = INPUT_BUILDERS[setup.loss_kind](logps_qc, ref_qc, batch)
+    # Loss-specific per-example data (win rates, gold completions...) rides as `extra/<name>`.
+    extras = {k[len("extra/"):]: v for k, v in batch.items() if k.startswith("extra/")}
+    inputs = inputs.replace(extras=extras) if extras else inputs
     out = setup.loss_fn(inputs, loss_state, **dict(setup.hyper))
     scaled = jnp.sum(out.loss_p) / jnp.maximum(total, 1.0)
     tokens = jnp.sum(batch["completion_mask"].astype(jnp.float32))
@@ -159,10 +162,15 @@ def init_state(setup: StepSetup, params, base, rest, loss_state, seed: int) -> T
 
 
 def batch_shardings(batch_m: Mapping[str, Any], mesh: Mesh):
-    """Batch arrays `[M, X, ...]` sharded over (data, fsdp) on X, the leading example axis."""
+    """Batch arrays `[M, X, ...]` sharded over (data, fsdp) on X, the leading example axis.
+
+    An axis the data-parallel size does not divide stays replicated (correct, just slower).
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
     def one(x):
-        spec = PartitionSpec(None, BATCH_AXES, *([None] * (len(x.shape) - 2)))
-        return NamedSharding(mesh, spec)
+        lead = BATCH_AXES if x.shape[1] % shards == 0 else None
+        return NamedSharding(mesh, PartitionSpec(None, lead, *([None] * (len(x.shape) - 2))))
 
     return {k: one(v) for k, v in batch_m.items()}
 

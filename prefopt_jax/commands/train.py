@@ -1,0 +1,62 @@
+"""`prefopt train CONFIG.gin [--gin.NAME=VALUE ...]`: parse gin, start (multi-host) training."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers) -> None:
+    """Adds the `train` sub-command."""
+    p = subparsers.add_parser("train", help="train a policy from a gin config")
+    p.add_argument("config", nargs="+", help="gin files (later files override earlier ones)")
+    p.add_argument("--coordinator", default=os.environ.get("PREFOPT_COORDINATOR"),
+                   help="multi-host: coordinator address host:port")
+    p.add_argument("--num-processes", type=int,
+                   default=int(os.environ.get("PREFOPT_NUM_PROCESSES", "0")) or None)
+    p.add_argument("--process-id", type=int,
+                   default=(int(os.environ["PREFOPT_PROCESS_ID"])
+                            if "PREFOPT_PROCESS_ID" in os.environ else None))
+    p.add_argument("--cpu-collectives", default=os.environ.get("PREFOPT_CPU_COLLECTIVES"),
+                   help="e.g. gloo, for multi-process runs on CPU")
+    p.set_defaults(func=run, gin_bindings=[])
+    # `--gin.NAME=VALUE` cannot be declared to argparse; peel them off before it parses.
+    parse_known = p.parse_known_args
+
+    def parse_with_gin(arg_strings=None, namespace=None):
+        rest, bindings = split_gin_args(list(arg_strings or []))
+        namespace, extra = parse_known(rest, namespace)
+        namespace.gin_bindings = bindings
+        return namespace, extra
+
+    p.parse_known_args = parse_with_gin
+
+
+def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--gin.NAME=VALUE` bindings from the other arguments."""
+    bindings, rest = [], []
+    for arg in argv:
+        (bindings if arg.startswith("--gin.") else rest).append(arg)
+    return rest, [b[len("--gin."):] for b in bindings]
+
+
+def init_distributed(args) -> None:
+    """`jax.distributed.initialize` when launched on several hosts (flags, env or TPU)."""
+    import jax
+    if args.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        jax.distributed.initialize()
+
+
+def run(args: argparse.Namespace) -> int:
+    import gin
+
+    from prefopt_jax import registry
+
+    registry.parse(args.config, args.gin_bindings)
+    init_distributed(args)
+    registry.train()
+    return 0

@@ -1,0 +1,102 @@
+"""Gin configurables: every name a .gin file may bind, registered in one place (invariant 7).
+
+Gin binds these constructors and `train`; everything is resolved into frozen dataclasses before
+any jit. `parse` turns gin's unknown-name errors into messages that list the close names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+
+import gin
+
+from prefopt_jax.data import LayoutConfig
+from prefopt_jax.models.lora import LoraConfig
+from prefopt_jax.train import build, loop, optim
+from prefopt_jax.train.reference import ReferenceConfig
+
+CONFIGURABLES = {
+    "ModelSpec": loop.ModelSpec,
+    "LoraConfig": LoraConfig,
+    "DataSpec": loop.DataSpec,
+    "LayoutConfig": LayoutConfig,
+    "AlgoConfig": build.AlgoConfig,
+    "ReferenceConfig": ReferenceConfig,
+    "OptimConfig": optim.OptimConfig,
+    "LoopConfig": loop.LoopConfig,
+}
+
+for _name, _cls in CONFIGURABLES.items():
+    gin.external_configurable(_cls, _name)
+
+
+@gin.configurable
+def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
+          optim=optim.OptimConfig(), loop=loop.LoopConfig(), tiny: bool = False):
+    """The gin entry point: `tiny=True` swaps in the random tiny model and synthetic data."""
+    if tiny:
+        lora = model.lora and dataclasses.replace(model.lora, rank=2)
+        model = dataclasses.replace(model, source="tiny", lora=lora)
+        data = dataclasses.replace(data, source="tiny", batch_size=min(data.batch_size, 4))
+    write_operative(loop.output_dir)
+    return loop_train(model, data, algo, optim, loop)
+
+
+loop_train = loop.train
+CONFIGURABLES["train"] = train
+
+
+def write_operative(output_dir: str) -> None:
+    """The operative gin config beside the run's outputs (process 0 only).
+
+    Called inside `train`, after gin has built every config object, so it lists them all.
+    """
+    import jax
+    if jax.process_index() == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+
+def parameters(name: str) -> list[str]:
+    """Parameter names of a configurable."""
+    target = CONFIGURABLES[name]
+    if dataclasses.is_dataclass(target):
+        return [f.name for f in dataclasses.fields(target)]
+    return list(inspect.signature(getattr(target, "__wrapped__", target)).parameters)
+
+
+def close_names(error: str) -> list[str]:
+    """Registered `Configurable.param` names close to the unknown one in a gin error."""
+    known = [f"{c}.{p}" for c in CONFIGURABLES for p in parameters(c)] + list(CONFIGURABLES)
+    quoted = re.findall(r"'([\w./]+)'", error)
+    guesses = []
+    for word in quoted:
+        guesses += difflib.get_close_matches(word, known, n=5, cutoff=0.5)
+    cls_param = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", error)
+    if cls_param and cls_param.group(1) in CONFIGURABLES:
+        near = difflib.get_close_matches(cls_param.group(2), parameters(cls_param.group(1)),
+                                         n=5, cutoff=0.4)
+        guesses = [f"{cls_param.group(1)}.{p}" for p in near] + guesses
+    return list(dict.fromkeys(guesses))
+
+
+class ConfigError(ValueError):
+    """An unknown configurable or binding: gin's message plus the close registered names."""
+
+
+def parse(files: list[str], bindings: list[str]) -> None:
+    """Parse gin files then `NAME=VALUE` bindings; unknown names fail here, before compute."""
+    gin.clear_config()
+    # `include 'configs/...'` resolves from the repository root whatever the working directory.
+    gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except (ValueError, KeyError, SyntaxError) as err:
+        hints = close_names(str(err))
+        hint = f"\nclose names: {', '.join(hints)}" if hints else ""
+        raise ConfigError(f"{err}{hint}") from err
