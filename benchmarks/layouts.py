@@ -20,6 +20,7 @@ from prefopt_jax.data.synthetic import synthetic_tokenized
 
 
 def main() -> None:
+    """Draws the length mix and prints the figures of each layout."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-examples", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per batch")

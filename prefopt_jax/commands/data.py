@@ -40,6 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Reads, validates and tokenises the source, then prints what it found."""
     from prefopt_jax import data as D
 
     tokenize = D.TokenizeConfig(
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shorten(text: str) -> str:
+    """repr of a text, its middle cut out when long."""
     text = repr(text)
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS // 2] + " ... " + text[
         -SHOWN_CHARS // 2:]
@@ -80,7 +82,8 @@ def print_examples(data, tokenizer, n: int) -> None:
               f"{shorten(tokenizer.decode(list(data.prompt(i))))}")
         for j, name in enumerate(names):
             tokens = data.completion(i, j)
-            print(f"  {name:<10} [{len(tokens):>5} tokens] {shorten(tokenizer.decode(list(tokens)))}")
+            text = shorten(tokenizer.decode(list(tokens)))
+            print(f"  {name:<10} [{len(tokens):>5} tokens] {text}")
         extra = {k: v[i].tolist() for k, v in data.fields.items()}
         if extra:
             print(f"  fields     {extra}")

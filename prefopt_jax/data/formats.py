@@ -260,7 +260,7 @@ def normalize_row(row: dict, index: int, spec: FormatSpec) -> list[Record]:
 
 
 def ranked_records(row: dict, index: int, spec: FormatSpec, fields: dict) -> list[Record]:
-    """Turns a scored list into pairs (best vs worst, all, best vs random) or one listwise record."""
+    """A scored list as pairs (best vs worst, all, best vs random) or one listwise record."""
     prompt = check_text(row["prompt"], index, "prompt", spec.conversational, completion=False)
     texts, scores = row["completions"], row["scores"]
     for field, value in (("completions", texts), ("scores", scores)):

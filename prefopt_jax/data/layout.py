@@ -58,10 +58,12 @@ class LayoutConfig:
 
     @property
     def shares_prefix(self) -> bool:
+        """Whether each prompt is stored once for all its completions."""
         return self.kind.startswith("prefix")
 
     @property
     def packs(self) -> bool:
+        """Whether several examples share a fixed-length row."""
         return self.kind in ("packed", "prefix_packed")
 
 
@@ -76,6 +78,7 @@ def bucket(n: int, buckets: tuple[int, ...] | None, what: str) -> int:
 
 
 def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple."""
     return -(-n // multiple) * multiple
 
 

@@ -1,4 +1,4 @@
-"""What the data pipeline did: rows read, bad rows skipped, pairs made, tokens truncated, rows dropped.
+"""What the data pipeline did: rows read, bad rows skipped, tokens truncated, rows dropped.
 
 Printed at start-up so that nothing is dropped or cut silently, and stored beside the cached
 tokenisation so a cache hit reports the same figures.

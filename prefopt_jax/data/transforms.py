@@ -1,4 +1,4 @@
-"""Record transforms for studies: label flipping (noise robustness) and score-conditioned relabelling.
+"""Transforms for studies: label flipping, score-conditioned relabelling, length filtering.
 
 Each transform is a pure function of the records and a seed; random choices come from a hash of
 (seed, row index, position within the row), so they do not depend on how rows are sharded.

@@ -1,4 +1,4 @@
-"""Every dataset format, read from local files written by the test, tokenised with the tiny tokenizer."""
+"""Every dataset format, from local files written by the test, tokenised by the tiny tokenizer."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from prefopt_jax.data import DataConfig, LayoutConfig, Loader, prepare
+from prefopt_jax.data import DataConfig, Loader, prepare
 
 
 def config(**kw):
@@ -176,7 +176,7 @@ def test_optional_fields_carried_to_the_batch(tok):
 
 
 def test_ultrafeedback_style_text_prompt_beside_whole_conversations(tok, write_jsonl, tmp_path):
-    """As in TRL, a prompt column of another style than chosen is ignored: the prompt is implicit."""
+    """As in TRL, a prompt column of another style than chosen is ignored (implicit prompt)."""
     user = chat("user", "what colour is the sky")
     rows = [{"prompt": "what colour is the sky", "prompt_id": "x1",
              "chosen": [user, chat("assistant", "blue")],
