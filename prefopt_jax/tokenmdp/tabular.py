@@ -19,7 +19,7 @@ gives ``log pi(a|s)``.
 
 Shape suffixes: ``p`` prompts, ``n`` choice nodes, ``m`` all nodes (choice then terminal),
 ``v`` vocabulary (actions), ``s`` responses of a prompt, ``h`` response positions, ``k`` pairs,
-``w`` beams, ``i`` optimisation steps.
+``w`` beams, ``c`` beam candidates (beams x tokens), ``j`` top-k ranks, ``i`` optimisation steps.
 """
 
 import dataclasses
@@ -232,8 +232,8 @@ def top_k(logps_ps, k):
 
     Sorted by decreasing likelihood, ties by increasing response index.
     """
-    order_ps = np.argsort(-logps_ps, axis=-1, kind="stable")[:, :k]
-    return order_ps, np.take_along_axis(logps_ps, order_ps, axis=-1)
+    order_pj = np.argsort(-logps_ps, axis=-1, kind="stable")[:, :k]
+    return order_pj, np.take_along_axis(logps_ps, order_pj, axis=-1)
 
 
 def beam_search(logits_pnv, tree, width, prompt=0):
@@ -249,13 +249,13 @@ def beam_search(logits_pnv, tree, width, prompt=0):
     logps_w = np.zeros(1)
     tokens_wh = np.zeros((1, 0), np.int64)
     for _ in range(tree.horizon):
-        cand_logps = (logps_w[:, None] + logp_nv[nodes_w]).reshape(-1)
-        cand_codes = (_codes(tokens_wh, v)[:, None] * v + np.arange(v)[None, :]).reshape(-1)
+        cand_logps_c = (logps_w[:, None] + logp_nv[nodes_w]).reshape(-1)
+        cand_codes_c = (_codes(tokens_wh, v)[:, None] * v + np.arange(v)[None, :]).reshape(-1)
         # Highest log-prob first, equal scores by smaller prefix, so the cut is deterministic.
-        keep = np.lexsort((cand_codes, -cand_logps))[:width]
-        beam, token = keep // v, keep % v
-        tokens_wh = np.concatenate([tokens_wh[beam], token[:, None]], axis=1)
-        nodes_w, logps_w = tree.child_nv[nodes_w[beam], token], cand_logps[keep]
+        keep_w = np.lexsort((cand_codes_c, -cand_logps_c))[:width]
+        beam_w, token_w = keep_w // v, keep_w % v
+        tokens_wh = np.concatenate([tokens_wh[beam_w], token_w[:, None]], axis=1)
+        nodes_w, logps_w = tree.child_nv[nodes_w[beam_w], token_w], cand_logps_c[keep_w]
     return tokens_wh, logps_w
 
 
@@ -296,16 +296,18 @@ def all_pairs(mdp, data_logps_ps=None):
     logps_ps = _data_logps(mdp, data_logps_ps)
     rewards_ps = sequence_rewards(mdp)
     num_p, num_s = logps_ps.shape
-    prompt, chosen, rejected = np.meshgrid(
+    prompt_pss, chosen_pss, rejected_pss = np.meshgrid(
         np.arange(num_p), np.arange(num_s), np.arange(num_s), indexing="ij")
-    keep = chosen != rejected
-    prompt, chosen, rejected = prompt[keep], chosen[keep], rejected[keep]
-    diff_k = rewards_ps[prompt, chosen] - rewards_ps[prompt, rejected]
-    data_k = np.exp(logps_ps[prompt, chosen] + logps_ps[prompt, rejected])
+    keep_pss = chosen_pss != rejected_pss
+    prompt_k, chosen_k, rejected_k = (prompt_pss[keep_pss], chosen_pss[keep_pss],
+                                      rejected_pss[keep_pss])
+    diff_k = rewards_ps[prompt_k, chosen_k] - rewards_ps[prompt_k, rejected_k]
+    data_k = np.exp(logps_ps[prompt_k, chosen_k] + logps_ps[prompt_k, rejected_k])
     weight_k = data_k / (1 + np.exp(-diff_k))
     # Normalise within each prompt (conditioning on y1 != y2), then weigh prompts equally.
-    prompt_total_p = np.bincount(prompt, weights=weight_k, minlength=num_p)
-    return PairSet(prompt, chosen, rejected, weight_k / (num_p * prompt_total_p[prompt]))
+    prompt_total_p = np.bincount(prompt_k, weights=weight_k, minlength=num_p)
+    weight_k = weight_k / (num_p * prompt_total_p[prompt_k])
+    return PairSet(prompt_k, chosen_k, rejected_k, weight_k)
 
 
 def sample_pairs(mdp, num_pairs, seed=0, data_logps_ps=None):
@@ -314,20 +316,21 @@ def sample_pairs(mdp, num_pairs, seed=0, data_logps_ps=None):
     logps_ps = _data_logps(mdp, data_logps_ps)
     rewards_ps = sequence_rewards(mdp)
     rng = np.random.default_rng(seed)
-    prompt = rng.integers(0, mdp.num_prompts, num_pairs)
+    prompt_k = rng.integers(0, mdp.num_prompts, num_pairs)
     cdf_ps = np.cumsum(np.exp(logps_ps), axis=-1)
     cdf_ps /= cdf_ps[:, -1:]
     num_s = logps_ps.shape[1]
 
     def draw():
-        index = (rng.random(num_pairs)[:, None] > cdf_ps[prompt]).sum(axis=-1)
-        return np.minimum(index, num_s - 1)
+        index_k = (rng.random(num_pairs)[:, None] > cdf_ps[prompt_k]).sum(axis=-1)
+        return np.minimum(index_k, num_s - 1)
 
-    first, second = draw(), draw()
-    diff_k = rewards_ps[prompt, first] - rewards_ps[prompt, second]
-    first_wins = rng.random(num_pairs) < 1 / (1 + np.exp(-diff_k))
-    chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
-    return PairSet(prompt, chosen, rejected, np.full(num_pairs, 1.0 / num_pairs))
+    first_k, second_k = draw(), draw()
+    diff_k = rewards_ps[prompt_k, first_k] - rewards_ps[prompt_k, second_k]
+    first_wins_k = rng.random(num_pairs) < 1 / (1 + np.exp(-diff_k))
+    chosen_k = np.where(first_wins_k, first_k, second_k)
+    rejected_k = np.where(first_wins_k, second_k, first_k)
+    return PairSet(prompt_k, chosen_k, rejected_k, np.full(num_pairs, 1.0 / num_pairs))
 
 
 def chosen_logps(pairs, tree, num_prompts):

@@ -86,9 +86,9 @@ def test_sequence_quantities(mdp):
     assert tabular.win_rate(greedy_ps, ref_ps, rewards_ps) == pytest.approx(want, abs=1e-12)
     assert tabular.expected_reward(greedy_ps, rewards_ps) == pytest.approx(
         rewards_ps.max(-1).mean())
-    order_pk, logps_pk = tabular.top_k(ref_ps, 4)
-    assert np.all(np.diff(logps_pk, axis=-1) <= 0)
-    np.testing.assert_allclose(logps_pk[:, 0], ref_ps.max(-1))
+    order_pj, logps_pj = tabular.top_k(ref_ps, 4)
+    assert np.all(np.diff(logps_pj, axis=-1) <= 0)
+    np.testing.assert_allclose(logps_pj[:, 0], ref_ps.max(-1))
 
 
 def test_dpo_on_the_exact_expected_loss_recovers_q_star(mdp, fitted):
@@ -153,9 +153,9 @@ def test_beam_search(mdp, fitted):
         seq_ps = tabular.sequence_logps(logits_pnv, tree)
         for prompt in range(mdp.num_prompts):
             tokens_wh, logps_w = tabular.beam_search(logits_pnv, tree, tree.num_sequences, prompt)
-            order_k, top_logps_k = tabular.top_k(seq_ps[prompt:prompt + 1], tree.num_sequences)
-            np.testing.assert_array_equal(tokens_wh, tree.tokens_sh[order_k[0]])
-            np.testing.assert_allclose(logps_w, top_logps_k[0], atol=1e-12)
+            order_pj, top_logps_pj = tabular.top_k(seq_ps[prompt:prompt + 1], tree.num_sequences)
+            np.testing.assert_array_equal(tokens_wh, tree.tokens_sh[order_pj[0]])
+            np.testing.assert_allclose(logps_w, top_logps_pj[0], atol=1e-12)
             tokens_wh, logps_w = tabular.beam_search(logits_pnv, tree, 3, prompt)
             assert tokens_wh.shape == (3, tree.horizon) and np.all(np.diff(logps_w) <= 0)
             codes_w = tokens_wh @ (tree.vocab_size ** np.arange(tree.horizon - 1, -1, -1))
