@@ -59,15 +59,20 @@ class Loader:
         """Local positions of the examples of a batch (fewer than batch_size: filler follows)."""
         return self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
 
-    def peek_shape(self) -> Shape:
-        """The bucketed shape the next batch needs on this host."""
-        return self._placement().shape
+    def peek_shape(self, ahead: int = 0) -> Shape:
+        """The bucketed shape this host needs for the batch `ahead` steps after the next one."""
+        return self._placement(*self.position_after(ahead)).shape
 
-    def _placement(self):
-        key = (self.epoch, self.step)
-        if self._peeked is None or self._peeked[0] != key:
-            idx_p = self.indices(*key)
-            self._peeked = (key, place(self.data, idx_p, self.batch_size, self.layout))
+    def position_after(self, steps: int) -> tuple[int, int]:
+        """(epoch, step) of the batch `steps` batches after the next one."""
+        epoch, step = divmod(self.epoch * self.steps_per_epoch + self.step + steps,
+                             self.steps_per_epoch)
+        return epoch, step
+
+    def _placement(self, epoch: int, step: int):
+        if self._peeked is None or self._peeked[0] != (epoch, step):
+            idx_p = self.indices(epoch, step)
+            self._peeked = ((epoch, step), place(self.data, idx_p, self.batch_size, self.layout))
         return self._peeked[1]
 
     def next_batch(self, min_shape: Shape | None = None) -> dict:
@@ -75,7 +80,8 @@ class Loader:
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
         batch = make_batch(self.data, self.indices(self.epoch, self.step), self.batch_size,
-                           self.layout, min_shape=min_shape, placement=self._placement())
+                           self.layout, min_shape=min_shape,
+                           placement=self._placement(self.epoch, self.step))
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0

@@ -83,6 +83,16 @@ def test_hosts_agree_on_a_shape_through_min_shape():
     assert small.next_batch(agreed)["tokens"].shape == large.next_batch(agreed)["tokens"].shape
 
 
+
+def test_peek_ahead_crosses_epochs():
+    loader = Loader(synthetic_tokenized(16, seed=1, max_length=512), 6, num_epochs=None)
+    ahead = [loader.peek_shape(n) for n in range(5)]
+    assert loader.state_dict()["step"] == 0
+    for shape in ahead:
+        batch = loader.next_batch()
+        assert batch["tokens"].shape + batch["source_index"].shape[1:] == tuple(shape)
+
+
 def test_steps_per_epoch_pads_with_filler_batches():
     data = synthetic_tokenized(10, seed=0, max_length=64)
     batches = list(Loader(data, 4, steps_per_epoch=4))
