@@ -134,8 +134,8 @@ def test_ranked_to_pairs_from_saved_dataset(tmp_path, tok, hf_cache, mode, expec
     assert data.fields["score_chosen"][0] == scores[expected[0][1].strip()]
 
 
-def test_ranked_best_vs_random_is_seeded(tok):
-    rows = RANKED[:1] * 40
+def test_ranked_best_vs_random_is_seeded(tok, tmp_path, write_jsonl):
+    rows = write_jsonl(tmp_path / "ranked.jsonl", RANKED[:1] * 40)
     first = ranked_pairs(prepare(rows, tok, config(ranked="best_vs_random"))[0], tok)
     again = ranked_pairs(prepare(rows, tok, config(ranked="best_vs_random"))[0], tok)
     other = ranked_pairs(prepare(rows, tok, config(ranked="best_vs_random", seed=1))[0], tok)
@@ -144,8 +144,9 @@ def test_ranked_best_vs_random_is_seeded(tok):
     assert {r for _, _, r in first} == {" a</s>", " c</s>", " d</s>"}
 
 
-def test_ranked_listwise_keeps_lists_with_filler(tok):
-    data, report = prepare(RANKED[:2], tok, config(ranked="listwise"))
+def test_ranked_listwise_keeps_lists_with_filler(tok, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "ranked.jsonl", RANKED[:2])
+    data, report = prepare(path, tok, config(ranked="listwise"))
     assert (report.kind, data.num_completions) == ("listwise", 4)
     batch = Loader(data, 2, shuffle=False).next_batch()
     assert batch["source_index"].shape[0] == 8
@@ -154,19 +155,19 @@ def test_ranked_listwise_keeps_lists_with_filler(tok):
     assert (batch["completion_mask"].sum(1)[4:] > 0).tolist() == [True, True, False, False]
 
 
-def test_triple_with_gold_orders_chosen_rejected_gold(tok):
+def test_triple_with_gold_orders_chosen_rejected_gold(tok, tmp_path, write_jsonl):
     rows = [{"prompt": "q", "gold": " best", "chosen": " good", "rejected": " bad"}]
-    data, report = prepare(rows, tok, config())
+    data, report = prepare(write_jsonl(tmp_path / "tpo.jsonl", rows), tok, config())
     assert (report.format, report.kind, data.num_completions) == ("triple", "triple", 3)
     assert [decode(tok, data.completion(0, j)) for j in range(3)] == [
         " good</s>", " bad</s>", " best</s>"]
 
 
-def test_optional_fields_carried_to_the_batch(tok):
+def test_optional_fields_carried_to_the_batch(tok, tmp_path, write_jsonl):
     rows = [{"prompt": "a", "chosen": " x", "rejected": " y", "score_chosen": 9, "weight": 0.5},
             {"prompt": "b", "chosen": " x", "rejected": " y", "margin": 2.0,
              "score_rejected": 1.5}]
-    data, _ = prepare(rows, tok, config())
+    data, _ = prepare(write_jsonl(tmp_path / "d.jsonl", rows), tok, config())
     batch = Loader(data, 3, shuffle=False).next_batch()
     assert batch["weight"].tolist() == [0.5, 1.0, 0.0]
     assert batch["margin"].tolist() == [0.0, 2.0, 0.0]
