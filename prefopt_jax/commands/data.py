@@ -43,12 +43,11 @@ def run(args: argparse.Namespace) -> int:
     """Reads, validates and tokenises the source, then prints what it found."""
     from prefopt_jax import data as D
 
-    tokenize = D.TokenizeConfig(
+    config = D.DataConfig(
+        split=args.split, format=args.format, ranked=args.ranked,
         max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
         max_length=args.max_length, prompt_truncation=args.prompt_truncation,
-        completion_truncation=args.completion_truncation)
-    config = D.DataConfig(split=args.split, format=args.format, ranked=args.ranked,
-                          tokenize=tokenize, skip_bad_rows=args.skip_bad_rows)
+        completion_truncation=args.completion_truncation, skip_bad_rows=args.skip_bad_rows)
     if args.no_cache:
         config = dataclasses.replace(config, cache_dir=None)
     tokenizer = D.load_tokenizer(args.model)

@@ -28,12 +28,16 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "prefopt_jax
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """How to read and tokenise a preference dataset.
+    """How to read and tokenise a preference dataset (flat, so gin binds each field).
 
     format: None to detect, or one of formats.FORMATS. ranked: how scored lists become pairs
-    (best_vs_worst, all_pairs, best_vs_random) or listwise. flip_rate: fraction of labels swapped.
-    relabel_with_scores: reward-augmented pairs. min_length/max_length: filter on the longest
-    sequence after tokenisation. skip_bad_rows: skip and count bad rows instead of raising.
+    (best_vs_worst, all_pairs, best_vs_random) or listwise; list_size: K for listwise.
+    max_prompt_length, max_completion_length, max_length, prompt_truncation,
+    completion_truncation, add_bos, add_eos: see tokenize.TokenizeConfig (TRL's meanings;
+    a prompt over its limit is an error unless prompt_truncation says otherwise).
+    flip_rate: fraction of labels swapped. relabel_with_scores: reward-augmented pairs.
+    filter_min_length/filter_max_length: drop examples whose longest sequence is outside.
+    skip_bad_rows: skip and count bad rows instead of raising. seed: flips and random pairs.
     cache_dir: None disables the tokenisation cache.
     """
 
@@ -41,16 +45,30 @@ class DataConfig:
     format: str | None = None
     ranked: str = "best_vs_worst"
     list_size: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    max_length: int | None = None
+    prompt_truncation: str = "error"
+    completion_truncation: str = "keep_start"
+    add_bos: bool = True
+    add_eos: bool = True
     flip_rate: float = 0.0
     relabel_with_scores: bool = False
     score_template: str = transforms.DEFAULT_SCORE_TEMPLATE
     system_template: str = transforms.DEFAULT_SYSTEM_TEMPLATE
-    min_length: int | None = None
-    max_length: int | None = None
-    tokenize: TokenizeConfig = TokenizeConfig()
+    filter_min_length: int | None = None
+    filter_max_length: int | None = None
     skip_bad_rows: bool = False
     seed: int = 0
     cache_dir: str | None = os.environ.get("PREFOPT_JAX_CACHE", DEFAULT_CACHE_DIR)
+
+    def __post_init__(self):
+        self.tokenize_config()  # validates the truncation settings at construction
+
+    def tokenize_config(self) -> TokenizeConfig:
+        """The tokenisation settings."""
+        names = [f.name for f in dataclasses.fields(TokenizeConfig)]
+        return TokenizeConfig(**{name: getattr(self, name) for name in names})
 
 
 def format_spec(source, config: DataConfig) -> formats.FormatSpec:
@@ -113,9 +131,10 @@ def build(src, start: int, stop: int, tokenizer, config: DataConfig):
     k = num_completions(records, spec)
     if spec.kind == "listwise":
         records = [pad_list(r, k) for r in records]
-    data = tokenize_records(records, tokenizer, config.tokenize, spec.kind, k, report,
+    data = tokenize_records(records, tokenizer, config.tokenize_config(), spec.kind, k, report,
                             config.skip_bad_rows)
-    data = transforms.filter_by_length(data, report, config.min_length, config.max_length)
+    data = transforms.filter_by_length(data, report, config.filter_min_length,
+                                       config.filter_max_length)
     report.counts["examples"] = len(data)
     if len(data) == 0:
         raise ValueError(f"no examples left from rows [{start}, {stop}):\n{report.summary()}")

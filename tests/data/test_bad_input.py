@@ -2,7 +2,7 @@
 
 import pytest
 
-from prefopt_jax.data import DataConfig, DataError, TokenizeConfig, prepare
+from prefopt_jax.data import DataConfig, DataError, prepare
 
 
 def good(i):
@@ -51,7 +51,7 @@ CASES = {
     "prompt too long": (with_bad({"prompt": "q " * 200, "chosen": " a", "rejected": " b"}),
                         "prompt", "longer than the limit"),
 }
-LIMITS = TokenizeConfig(max_prompt_length=64)
+LIMITS = {"max_prompt_length": 64}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -59,7 +59,7 @@ def test_bad_row_raises_naming_row_and_field(tok, name):
     rows, field, reason = CASES[name]
     at = len(rows) - 1 if len(rows) == 4 else 3
     with pytest.raises(DataError) as info:
-        prepare(rows, tok, DataConfig(cache_dir=None, tokenize=LIMITS))
+        prepare(rows, tok, DataConfig(cache_dir=None, **LIMITS))
     message = str(info.value)
     assert f"row {at}" in message and f"field '{field}'" in message and reason in message
     assert (info.value.row, info.value.field) == (at, field)
@@ -69,7 +69,7 @@ def test_bad_row_raises_naming_row_and_field(tok, name):
 def test_bad_row_skipped_on_request_and_counted(tok, name):
     rows, field, reason = CASES[name]
     at = len(rows) - 1 if len(rows) == 4 else 3
-    data, report = prepare(rows, tok, DataConfig(cache_dir=None, tokenize=LIMITS,
+    data, report = prepare(rows, tok, DataConfig(cache_dir=None, **LIMITS,
                                                  skip_bad_rows=True))
     assert report.counts["rows_skipped"] == 1
     assert report.skipped[0][:2] == (at, field) and reason in report.skipped[0][2]

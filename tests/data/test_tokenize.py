@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from prefopt_jax.data import DataConfig, DataError, Loader, TokenizeConfig, prepare
+from prefopt_jax.data import DataConfig, DataError, Loader, prepare
 from prefopt_jax.data import tokenized as tokenized_module
 from prefopt_jax.data.synthetic import synthetic_rows, tiny_tokenizer
 
@@ -14,7 +14,7 @@ ROWS = [{"prompt": "the cat sat on the mat and the dog ran to the house",
 
 
 def run(tok, rows=ROWS, **kw):
-    return prepare(rows, tok, DataConfig(cache_dir=None, tokenize=TokenizeConfig(**kw)))
+    return prepare(rows, tok, DataConfig(cache_dir=None, **kw))
 
 
 def test_completion_mask_marks_only_completion_tokens(tok):
@@ -75,10 +75,10 @@ def test_completion_truncation_and_max_length(tok):
 
 def test_length_filter_counts(tok):
     rows = ROWS + [{"prompt": "hi", "chosen": " a", "rejected": " b"}]
-    data, report = prepare(rows, tok, DataConfig(cache_dir=None, max_length=10))
+    data, report = prepare(rows, tok, DataConfig(cache_dir=None, filter_max_length=10))
     assert data.example_index_n.tolist() == [3]
     assert report.counts["filtered_longer_than_max"] == 3
-    data, report = prepare(rows, tok, DataConfig(cache_dir=None, min_length=10))
+    data, report = prepare(rows, tok, DataConfig(cache_dir=None, filter_min_length=10))
     assert data.example_index_n.tolist() == [0, 1, 2]
     assert report.counts["filtered_shorter_than_min"] == 1
 
@@ -145,3 +145,8 @@ def test_smollm2_chat_template(tmp_path):
         "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n")
     assert smol.decode(data.completion(0, 0)) == "Hi!<|im_end|>\n"
     assert smol.decode(data.completion(0, 1)) == "No.<|im_end|>\n"
+
+
+def test_truncation_settings_are_checked_at_construction():
+    with pytest.raises(ValueError, match="prompt_truncation must be one of"):
+        DataConfig(prompt_truncation="middle")
