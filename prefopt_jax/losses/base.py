@@ -284,6 +284,24 @@ def metric_values(metrics: Metrics) -> dict[str, Array]:
     return {k: s / jnp.maximum(c, 1.0) for k, (s, c) in metrics.items()}
 
 
+def gather_global(x: Array) -> Array:
+    """x with its example axis unsharded, for ops that need the whole batch at once (sort).
+
+    On meshes with Auto axes XLA already inserts the all-gather; Explicit axes refuse a sort
+    over a sharded dimension, so reshard to replicated there. Values are unchanged either way.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or all(axis is None for axis in spec):
+        return x
+    explicit = set(sharding.mesh.explicit_axes)
+    named = {a for entry in spec if entry is not None
+             for a in (entry if isinstance(entry, tuple) else (entry,))}
+    if named & explicit:
+        return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return x
+
+
 def log1mexp(x: Array) -> Array:
     """`log(1 - exp(x))` for x <= 0, stable on both sides of -log 2; x is clamped below 0."""
     # Clamp: a log-prob of exactly 0 (or a filler row) would give -inf and a nan gradient.

@@ -79,12 +79,17 @@ def plackett_luce(inputs: ListwiseInputs, state: Any = None, *, beta: float = 0.
 
 
 def current_ranks(s_pk: Array, item_pk: Array) -> Array:
-    """1-based rank of each item under the current rewards s (descending), no gradient."""
-    order_pk = rank_order(jax.lax.stop_gradient(s_pk), item_pk)
+    """1-based rank of each item under the current rewards s (descending, ties by position).
+
+    Counted by pairwise comparison rather than a sort + scatter, which keeps it elementwise in
+    the list axis (and shardable along the batch axis); no gradient.
+    """
+    s_pk = jax.lax.stop_gradient(s_pk)
     k = s_pk.shape[-1]
-    rank_pk = jnp.zeros_like(order_pk).at[jnp.arange(s_pk.shape[0])[:, None], order_pk].set(
-        jnp.broadcast_to(jnp.arange(k), order_pk.shape))
-    return rank_pk.astype(jnp.float32) + 1.0
+    earlier_kk = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [i, j]: j before i
+    s_i, s_j = s_pk[:, :, None], s_pk[:, None, :]
+    ahead_pkk = (item_pk[:, None, :] > 0) & ((s_j > s_i) | ((s_j == s_i) & earlier_kk[None]))
+    return 1.0 + jnp.sum(ahead_pkk, axis=-1).astype(jnp.float32)
 
 
 @register("lipo_lambda")

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from prefopt_jax.losses.base import (BIG, Array, LossOutput, PairwiseInputs, f32, log1mexp,
-                                     metric, ones_like_lead, pair_logps, pair_output, require,
-                                     running_mean_update, seq_reduce)
+from prefopt_jax.losses.base import (BIG, Array, LossOutput, PairwiseInputs, f32, gather_global,
+                                     log1mexp, metric, ones_like_lead, pair_logps, pair_output,
+                                     require, running_mean_update, seq_reduce)
 from prefopt_jax.losses.registry import register
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -197,6 +197,7 @@ def _sorted_pairing(a_p: Array, b_p: Array, valid_p: Array) -> tuple[Array, Arra
     Filler entries get one shared huge sentinel so they sort last and cancel (BIG - BIG = 0).
     Plain jnp ops on the full arrays: under jit with a sharded batch this sort is global.
     """
+    a_p, b_p, valid_p = gather_global(a_p), gather_global(b_p), gather_global(valid_p)
     real_p = f32(valid_p) > 0
     a_p = jnp.where(real_p, a_p, BIG)
     b_p = jnp.where(real_p, b_p, BIG)

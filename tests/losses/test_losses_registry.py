@@ -4,7 +4,15 @@ import pytest
 
 import prefopt_jax.losses as losses
 
-SPEC_NAMES = ["dpo", "ipo", "simpo"]
+# ALGORITHMS.md section 1 (+ the MPO mixture), 2, 3 (token-level subset) and 4.
+SPEC_NAMES = [
+    "dpo", "robust", "ipo", "hinge", "slic", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo",
+    "cpo", "orpo", "tpo", "tpo_l", "rpo", "gamma_rank", "modpo", "vpo", "dno", "sppo", "mpo",
+    "kto", "bco", "plackett_luce", "lipo_lambda",
+    "tgdpo", "aligndistil", "cpl", "cpl_kl",
+    "bradley_terry", "ensemble_mean", "wco", "uwo", "par",
+]
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -12,9 +20,14 @@ def test_spec_name_registered(name):
     assert callable(losses.get(name))
 
 
+def test_registry_is_exactly_the_spec():
+    assert sorted(SPEC_NAMES) == losses.names()
+
+
 def test_unknown_name_lists_known():
     with pytest.raises(losses.UnknownLossError) as err:
         losses.get("no_such_loss")
+    assert isinstance(err.value, KeyError)
     message = str(err.value)
     assert "no_such_loss" in message
     for name in SPEC_NAMES:
@@ -24,3 +37,20 @@ def test_unknown_name_lists_known():
 def test_duplicate_registration_rejected():
     with pytest.raises(ValueError, match="already registered"):
         losses.register("dpo")(lambda inputs, state=None: None)
+
+
+def test_unknown_hyperparameter_fails_loudly():
+    from losses_cases import pair_case, pair_inputs
+    with pytest.raises(TypeError):
+        losses.get("dpo")(pair_inputs(pair_case()), betta=0.2)
+    with pytest.raises(TypeError):
+        losses.get("simpo")(pair_inputs(pair_case()), betta=0.2)
+
+
+def test_missing_extras_named_in_error():
+    from losses_cases import pair_case, pair_inputs
+    inputs = pair_inputs(pair_case()).replace(extras={})
+    for name, key in (("tpo", "gold_logps_pc"), ("modpo", "other_rewards_w_pk"),
+                      ("sppo", "win_prob_w_p"), ("dno", "win_prob_w_p")):
+        with pytest.raises(KeyError, match=key):
+            losses.get(name)(inputs)

@@ -1,0 +1,66 @@
+"""Batch-coupled losses see the GLOBAL batch: sharded over a mesh == unsharded.
+
+8 fake CPU devices (tests/conftest.py). Two meshes: a flat 8-way data mesh with Explicit axes
+(the losses must gather before sorting) and a 2x2x2 (data, fsdp, tensor) mesh with Auto axes,
+the batch split over data x fsdp.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import prefopt_jax.losses as losses
+from losses_cases import CASES, family
+
+COUPLED = ["aot", "aot_unpaired", "kto", "bco", "bco_pair", "mpo", "plackett_luce",
+           "lipo_lambda"]
+POLICY = {"pairwise": "logps_w_pc", "unpaired": "logps_nc", "listwise": "logps_pkc"}
+SIZES = {"pairwise": {"p": 16}, "unpaired": {"n": 16}, "listwise": {"p": 16}}
+
+
+def meshes():
+    yield "data8-explicit", jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)), \
+        P("data")
+    yield "2x2x2-auto", jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                                      axis_types=(AxisType.Auto,) * 3), P(("data", "fsdp"))
+
+
+def _step(name, field):
+    fn = losses.get(name)
+
+    def step(inputs):
+        def loss(x):
+            out = fn(inputs.replace(**{field: x}))
+            return losses.mean_loss(out), out
+
+        (_, out), grad = jax.value_and_grad(loss, has_aux=True)(getattr(inputs, field))
+        return out, grad
+
+    return step
+
+
+@pytest.mark.parametrize("name", COUPLED)
+def test_sharded_equals_unsharded(name):
+    fam = family(name)
+    make_case, make_inputs = CASES[fam]
+    inputs = make_inputs(make_case(seed=5, **SIZES[fam]))
+    step = _step(name, POLICY[fam])
+    want_out, want_grad = jax.jit(step)(inputs)
+    for mesh_name, mesh, spec in meshes():
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, spec), inputs)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(inputs, shardings)
+            out, grad = jax.jit(step, in_shardings=(shardings,))(sharded)
+        assert len(getattr(sharded, POLICY[fam]).sharding.device_set) == 8
+        np.testing.assert_allclose(out.loss_p, want_out.loss_p, rtol=1e-6, atol=1e-7,
+                                   err_msg=mesh_name)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7, err_msg=mesh_name)
+        for key, (total, count) in want_out.metrics.items():
+            np.testing.assert_allclose(out.metrics[key][0], total, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{mesh_name} {key}")
+            np.testing.assert_allclose(out.metrics[key][1], count, err_msg=f"{mesh_name} {key}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out.state,
+                     want_out.state)
