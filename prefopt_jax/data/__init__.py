@@ -2,11 +2,20 @@
 
 From a source to batches:
 
-    data, report = prepare(source, tokenizer, DataConfig(...), process_index, process_count)
-    print(report.summary())
-    loader = Loader(data, batch_size, LayoutConfig(kind="packed"), seed=0)
-    batch = loader.next_batch()          # numpy dict, the contract in docs/interfaces.md
-    state = loader.state_dict()          # goes into the checkpoint; load_state_dict resumes
+    data, report = prepare(source, tokenizer, DataConfig(max_length=1024), process_index,
+                           process_count)      # this host's rows, tokenised (cached on disk)
+    print(report.summary())                   # format, skipped rows, truncation and drops
+    loader = Loader(data, batch_size, LayoutConfig(kind="packed"), seed=0, num_epochs=None)
+    batch = loader.next_batch()               # numpy dict, the contract in docs/interfaces.md
+    state = loader.state_dict()               # into the checkpoint; load_state_dict resumes
+
+Kinds and K (completions per example; Q = P * K sequences, in order within an example):
+paired K=2 (chosen, rejected), triple K=3 (chosen, rejected, gold), unpaired K=1 (+ `label`),
+listwise K=list_size (+ `scores` [P, K], nan for filler completions).
+
+Multi-host: every host calls prepare with its process_index/process_count (it reads only its
+contiguous slice) and builds a Loader with the same batch_size and steps_per_epoch; the engine
+agrees on one shape per step with the max of `peek_shape()` over hosts, passed as `min_shape`.
 """
 
 from prefopt_jax.data.formats import FORMATS, DataError, FormatSpec, Record, detect_format

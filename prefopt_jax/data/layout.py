@@ -96,6 +96,23 @@ def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
     return bucket(int(need_n.max(initial=1)), None, "example")
 
 
+def check_fits(data: TokenizedData, layout: LayoutConfig) -> None:
+    """Raises, naming the first example row, if some example fits no row of the layout."""
+    lp_n, lc_nk = data.prompt_lengths_n, data.completion_lengths_nk
+    if layout.packs:
+        need_n, limit, what = group_lengths(lp_n, lc_nk, layout.shares_prefix), \
+            layout.row_length, "the packed row length"
+    elif layout.length_buckets is not None:
+        need_n = lp_n + (lc_nk.sum(1) if layout.shares_prefix else lc_nk.max(1))
+        limit, what = max(layout.length_buckets), "the largest length bucket"
+    else:
+        return
+    if limit is not None and (need_n > limit).any():
+        i = int(np.argmax(need_n > limit))
+        raise ValueError(f"example from row {data.example_index_n[i]} needs {need_n[i]} tokens, "
+                         f"more than {what} {limit}")
+
+
 class Placement(NamedTuple):
     """Where each example of a batch goes: its row, its offset there, and the batch shape."""
 

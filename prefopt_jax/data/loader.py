@@ -15,7 +15,8 @@ import dataclasses
 
 import numpy as np
 
-from prefopt_jax.data.layout import LayoutConfig, Shape, default_row_length, make_batch, place
+from prefopt_jax.data.layout import (LayoutConfig, Shape, check_fits, default_row_length,
+                                     make_batch, place)
 from prefopt_jax.data.tokenized import TokenizedData
 
 
@@ -36,6 +37,7 @@ class Loader:
             raise ValueError("no examples to load")
         if layout.packs and layout.row_length is None:
             layout = dataclasses.replace(layout, row_length=default_row_length(data, layout))
+        check_fits(data, layout)
         self.data, self.batch_size, self.layout = data, int(batch_size), layout
         self.seed, self.shuffle, self.num_epochs = int(seed), shuffle, num_epochs
         natural = len(data) // batch_size if drop_remainder else -(-len(data) // batch_size)

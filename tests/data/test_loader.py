@@ -107,3 +107,11 @@ def test_prepare_reads_only_its_slice(tok):
     data, report = prepare(rows, tok, DataConfig(cache_dir=None), process_index=1,
                            process_count=3)
     assert data.example_index_n.tolist() == [3, 4, 5] and report.counts["rows_read"] == 3
+
+
+def test_loader_refuses_examples_that_fit_no_row():
+    data = synthetic_tokenized(20, seed=0, max_length=512)
+    with pytest.raises(ValueError, match="needs .* tokens, more than the packed row length 128"):
+        Loader(data, 4, LayoutConfig(kind="packed", row_length=128))
+    with pytest.raises(ValueError, match="more than the largest length bucket 64"):
+        Loader(data, 4, LayoutConfig(length_buckets=(32, 64)))
