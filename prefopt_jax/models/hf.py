@@ -253,25 +253,29 @@ def _read_safetensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str,
 
 
 def _params_from_hf(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
-                    config: ModelConfig) -> dict[str, Any]:
-    """Our nested parameter dict (unscanned layout) from HF-named tensors; all checked."""
+                    config: ModelConfig, source: str,
+                    alias: Callable[[str], str] = _identity) -> dict[str, Any]:
+    """Our nested parameter dict (unscanned layout) from HF-named tensors; all checked.
+
+    ``origin`` names the file (and source tensor) of each tensor, ``source`` the checkpoint as a
+    whole, and ``alias`` how a missing HF name is called in that checkpoint (GGUF names).
+    """
     layout = _hf_layout(config)
-    where = lambda key: origin.get(key, "the checkpoint")  # noqa: E731
-    missing = sorted(set(layout) - set(tensors))
+    missing = [name for name in layout if name not in tensors]
     if missing:
-        files = sorted(set(origin.values())) or ["the checkpoint"]
-        raise CheckpointError(f"missing tensor(s) {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                              f" in {', '.join(files)} ({len(missing)} of {len(layout)} missing)")
+        shown = ", ".join(repr(alias(name)) for name in missing[:5])
+        raise CheckpointError(f"missing tensor(s) {shown}{', ...' if len(missing) > 5 else ''} in "
+                              f"{source} ({len(missing)} of {len(layout)} expected are missing)")
     params: dict[Any, Any] = {}
     for key, array in tensors.items():
         if key not in layout:
             if key.endswith(_IGNORED_SUFFIXES) or _is_tied_copy(key, tensors, config):
                 continue
-            raise CheckpointError(f"unexpected tensor {key!r} in {where(key)} (not part of a "
+            raise CheckpointError(f"unexpected tensor {key!r} in {origin[key]} (not part of a "
                                   f"{config.model_type} model with this config)")
         entry = layout[key]
         if tuple(array.shape) != entry.hf_shape:
-            raise CheckpointError(f"tensor {key!r} in {where(key)} has shape {tuple(array.shape)}, "
+            raise CheckpointError(f"tensor {key!r} in {origin[key]} has shape {tuple(array.shape)}, "
                                   f"expected {entry.hf_shape} from the config")
         node = params
         for part in entry.path[:-1]:
@@ -309,7 +313,7 @@ def model_from_params(config: ModelConfig, params: dict[str, Any]) -> Transforme
     graphdef, state = nnx.split(abstract)
     if config.scan_layers:
         params = _stack_layers(params, config.num_layers)
-    expected = state.to_pure_dict()
+    expected = nnx.to_pure_dict(state)
     jax.tree.map(lambda want, got: _check_leaf(want, got), expected, params)
     cast = jax.tree.map(lambda want, got: jnp.asarray(got, dtype=want.dtype), expected, params)
     nnx.replace_by_pure_dict(state, cast)
@@ -402,6 +406,19 @@ def _hf_name_for_gguf(name: str, path: Path) -> str:
     raise CheckpointError(f"unexpected tensor {name!r} in {path}{hint}")
 
 
+def _gguf_name_for_hf(name: str) -> str:
+    """How a HF tensor name is called in a llama.cpp GGUF file (for error messages)."""
+    for gguf_name, hf_name in _GGUF_GLOBAL_NAMES.items():
+        if hf_name == name:
+            return f"{name} (GGUF {gguf_name})"
+    parts = name.split(".")
+    module, kind = ".".join(parts[3:-1]), parts[-1]
+    for gguf_short, hf_short in _GGUF_BLOCK_NAMES.items():
+        if hf_short == module:
+            return f"{name} (GGUF blk.{parts[2]}.{gguf_short}.{kind})"
+    return name
+
+
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order for llama-arch GGUFs.
 
@@ -461,9 +478,10 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
                     **overrides) -> tuple[Transformer, Any]:
     """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file or a built-in name.
 
-    ``dtype`` sets both the parameter and the compute dtype; ``overrides`` set any other
-    ModelConfig field (e.g. ``scan_layers=True``, ``remat_policy="full"``, ``dtype=bfloat16`` to
-    compute in bfloat16 over float32 parameters). The tokenizer is None for a directory without
+    ``dtype`` sets both the compute and the parameter dtype; ``overrides`` set any other
+    ModelConfig field (e.g. ``scan_layers=True``, ``remat_policy="full"``, or
+    ``param_dtype=jnp.float32`` with ``dtype=jnp.bfloat16`` to compute in bfloat16 over float32
+    parameters). The tokenizer is None for a directory without
     tokenizer files, or when ``load_tokenizer`` is False.
     """
     if str(source) in BUILTIN_MODELS:
@@ -476,14 +494,16 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
         kwargs = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
         config = _make_config(kwargs, dtype, overrides)
         tensors, origin = _read_safetensors(path)
+        params = _params_from_hf(tensors, origin, config, ", ".join(sorted(set(origin.values()))))
         tokenizer = tokenizer_lib.load_tokenizer(path) if load_tokenizer else None
     elif path.suffix == ".gguf":
         kwargs, tensors, origin = _read_gguf(path)
         config = _make_config(kwargs, dtype, overrides)
+        params = _params_from_hf(tensors, origin, config, str(path), alias=_gguf_name_for_hf)
         tokenizer = tokenizer_lib.load_gguf_tokenizer(path) if load_tokenizer else None
     else:
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
-    model = model_from_params(config, _params_from_hf(tensors, origin, config))
+    model = model_from_params(config, params)
     return model, tokenizer
 
 
@@ -495,7 +515,7 @@ def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = 
     hf_config = config_to_hf(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if config.scan_layers:
         params = _unstack_layers(params, config.num_layers)
     tensors = {}

