@@ -62,11 +62,16 @@ def margin_loss(name: str, reduction: str = "sum") -> Callable[[Callable], Margi
     return deco
 
 
+def _smoothed_sigmoid(logits_p: Array, label_smoothing: float) -> Array:
+    """`-(1-e) log s(z) - e log s(-z)` (conservative / label-smoothed logistic loss)."""
+    return (-(1.0 - label_smoothing) * log_sigmoid(logits_p)
+            - label_smoothing * log_sigmoid(-logits_p))
+
+
 @margin_loss("dpo")
 def dpo(h_p: Array, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Array:
     """DPO (cDPO when e > 0): `-(1-e) log s(b h) - e log s(-b h)`."""
-    return (-(1.0 - label_smoothing) * log_sigmoid(beta * h_p)
-            - label_smoothing * log_sigmoid(-beta * h_p))
+    return _smoothed_sigmoid(beta * h_p, label_smoothing)
 
 
 @margin_loss("ipo", reduction="mean")
@@ -112,12 +117,6 @@ def sigmoid_norm(h_p: Array, *, beta: float = 0.1) -> Array:
     return -log_sigmoid(beta * h_p)
 
 
-def _smoothed_sigmoid(logits_p: Array, label_smoothing: float) -> Array:
-    """`-(1-e) log s(z) - e log s(-z)` (conservative / label-smoothed logistic loss)."""
-    return (-(1.0 - label_smoothing) * log_sigmoid(logits_p)
-            - label_smoothing * log_sigmoid(-logits_p))
-
-
 def _ref_free(inputs: PairwiseInputs) -> PairwiseInputs:
     """The same pair with the reference dropped (its log-probs read as 0)."""
     return inputs.replace(ref_logps_w_pc=None, ref_logps_l_pc=None)
@@ -136,11 +135,11 @@ def slic(inputs: PairwiseInputs, state: Any = None, *, delta: float = 1.0,
          lam: float = 0.5) -> LossOutput:
     """SLiC-HF: `max(0, delta - L(y_w) + L(y_l)) + lam * NLL(y_w)`; reference-free.
 
-    [confirm] decision: the SLiC-HF objective is a rank-calibration hinge on sequence
-    log-likelihoods plus a cross-entropy regulariser `-lam log P(y_ref|x)` on the SFT target.
-    We take y_ref = y_w (spec) and keep the paper's sequence-level (SUM) NLL, so both terms
-    are on the same sequence-log-prob scale. delta = 1.0 is the margin the paper uses; lam = 0.5
-    is our default for the regulariser weight (the paper tunes it; set lam=0 for pure SLiC).
+    [confirm] decision: SLiC-HF is a rank-calibration hinge on sequence log-likelihoods plus a
+    cross-entropy regulariser `-lam log P(y_ref|x)` towards the SFT target. We take y_ref = y_w
+    (as the spec) and keep the regulariser at the sequence level (SUM NLL, like the hinge) so
+    both terms live on the same scale. Defaults delta = 1.0 (a unit margin in nats) and
+    lam = 0.5 are our choice, not checked against released configs; lam = 0 is pure SLiC.
     """
     inputs = _ref_free(inputs)
     seq = pair_logps(inputs, "sum")
@@ -210,9 +209,11 @@ def _sorted_pairing(a_p: Array, b_p: Array, valid_p: Array) -> tuple[Array, Arra
 @register("aot")
 def aot(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
         label_smoothing: float = 0.0) -> LossOutput:
-    """AOT (paired): sort `u = L_w - L_l` and `v = L_ref,w - L_ref,l` over the GLOBAL batch;
-    `-log s(b (u_(i) - v_(i)))` (label-smoothed as dpo). Loss of rank i sits on the pair whose u
-    has rank i."""
+    """AOT (paired): `-log s(b (u_(i) - v_(i)))`, u = L_w - L_l and v = L_ref,w - L_ref,l sorted.
+
+    Both are sorted over the GLOBAL batch (real pairs only); label smoothing as in dpo. The loss
+    of rank i sits on the pair whose u has rank i.
+    """
     seq = pair_logps(inputs, "sum")
     diff_p, real_p = _sorted_pairing(seq.pol_w_p - seq.pol_l_p, seq.ref_w_p - seq.ref_l_p,
                                      _valid(inputs))
@@ -223,8 +224,11 @@ def aot(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
 @register("aot_unpaired")
 def aot_unpaired(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
                  label_smoothing: float = 0.0) -> LossOutput:
-    """AOT (unpaired): sort `D_w` and `D_l` separately over the GLOBAL batch;
-    `-log s(b (D_w(i) - D_l(i)))` (label-smoothed as dpo)."""
+    """AOT (unpaired): `-log s(b (D_w(i) - D_l(i)))`, D_w and D_l sorted separately.
+
+    Sorted over the GLOBAL batch (real pairs only); label smoothing as in dpo. The loss of rank i
+    sits on the pair whose D_w has rank i.
+    """
     seq = pair_logps(inputs, "sum")
     diff_p, real_p = _sorted_pairing(seq.ratio_w_p, seq.ratio_l_p, _valid(inputs))
     loss_p = jnp.where(real_p, _smoothed_sigmoid(beta * diff_p, label_smoothing), 0.0)
@@ -268,8 +272,7 @@ def simpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 2.0,
     seq = pair_logps(inputs, "mean")
     reward_w_p, reward_l_p = beta * seq.pol_w_p, beta * seq.pol_l_p
     logits_p = reward_w_p - reward_l_p - gamma_beta_ratio * beta
-    loss_p = (-(1.0 - label_smoothing) * log_sigmoid(logits_p)
-              - label_smoothing * log_sigmoid(-logits_p))
+    loss_p = _smoothed_sigmoid(logits_p, label_smoothing)
     return pair_output(loss_p, inputs, seq, reward_w_p, reward_l_p, state)
 
 
@@ -430,7 +433,7 @@ def _win_probs(inputs: PairwiseInputs, loss: str) -> tuple[Array, Array]:
 def dno(inputs: PairwiseInputs, state: Any = None, *, eta: float = 0.1) -> LossOutput:
     """DNO: `-s(r_w - r_l) log s(eta h) - s(r_l - r_w) log s(-eta h)`, r = win rate vs pi_t.
 
-    [confirm] decision (Rosset et al., 2024, Algorithm 1): the reference is the previous
+    [confirm] decision (DNO, Rosset et al., 2024): the reference is the previous
     iterate pi_t (pass its log-probs as ref_logps_*), h = log pi/pi_t (y_w) - log pi/pi_t (y_l)
     on sequence sums, r(y) = P(y beats pi_t | x) from `extras["win_prob_w_p"]`,
     `["win_prob_l_p"]`; the soft target s(r_w - r_l) makes it a soft-label DPO. eta = 0.1 by

@@ -223,3 +223,14 @@ def test_aligndistil_hand():
     kl = 0.5 * (math.log(0.5) - math.log(q0)) + 0.5 * (math.log(0.5) - math.log(1 - q0))
     out = losses.get("aligndistil")(inputs)
     np.testing.assert_allclose(out.loss_p, [0.1 / w * kl], rtol=1e-5)
+
+
+def test_vpo_calibration_samples_hand():
+    """Calibration sample log-ratio 1 - (-1) = 2 replaces D_w: offline sp(-0.15) - 0.1 * 2."""
+    a = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    base = pair_inputs()
+    inputs = base.replace(extras={**base.extras, "cal_logps_pc": a([[-1, -9], [0, 0]]),
+                                  "cal_ref_logps_pc": a([[-3, -9], [0, 0]]),
+                                  "cal_mask_pc": a([[1, 0], [0, 0]])})
+    np.testing.assert_allclose(losses.get("vpo")(inputs).loss_p, [sp(-0.15) - 0.2, 0.0],
+                               rtol=1e-5)
