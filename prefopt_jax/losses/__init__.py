@@ -7,14 +7,15 @@ token-level) and the `mpo` mixture; modifiers live in `prefopt_jax.losses.modifi
 from prefopt_jax.losses import (listwise, modifiers, pairwise, rewards,  # noqa: F401 (register)
                                 tokenlevel, unpaired)
 from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, PairLogps,
-                                     PairwiseInputs, RewardPairInputs, UnpairedInputs, mean_loss,
-                                     metric_values, pair_logps, seq_reduce)
+                                     PairwiseInputs, RewardPairInputs, UnpairedInputs,
+                                     listwise_from_flat, mean_loss, metric_values, pair_logps,
+                                     pairwise_from_interleaved, seq_reduce)
 from prefopt_jax.losses.modifiers import f_divergence, ld_dpo, mix, reference_free, wpo
 from prefopt_jax.losses.registry import UnknownLossError, get, names, register
 
 __all__ = [
     "DistillInputs", "ListwiseInputs", "LossOutput", "PairLogps", "PairwiseInputs",
     "RewardPairInputs", "UnknownLossError", "UnpairedInputs", "f_divergence", "get", "ld_dpo",
-    "mean_loss", "metric_values", "mix", "names", "pair_logps", "reference_free", "register",
-    "seq_reduce", "wpo",
+    "listwise_from_flat", "mean_loss", "metric_values", "mix", "names", "pair_logps",
+    "pairwise_from_interleaved", "reference_free", "register", "seq_reduce", "wpo",
 ]

@@ -175,6 +175,36 @@ class PairLogps:
         return self.pol_l_p - self.ref_l_p
 
 
+def pairwise_from_interleaved(logps_qc: Array, mask_qc: Array, ref_logps_qc: Array | None = None,
+                              **fields: Any) -> PairwiseInputs:
+    """PairwiseInputs from the batch layout: sequence 2p is pair p's chosen, 2p + 1 its rejected.
+
+    `fields` are the other PairwiseInputs fields (valid_p, weight_p, extras, ...). A reshape,
+    not a strided slice, so a batch sharded over pairs stays sharded the same way.
+    """
+    def split(x_qc):
+        if x_qc is None:
+            return None, None
+        x_p2c = x_qc.reshape(x_qc.shape[0] // 2, 2, *x_qc.shape[1:])
+        return x_p2c[:, 0], x_p2c[:, 1]
+
+    (lw, ll), (mw, ml), (rw, rl) = split(logps_qc), split(mask_qc), split(ref_logps_qc)
+    return PairwiseInputs(logps_w_pc=lw, logps_l_pc=ll, mask_w_pc=mw, mask_l_pc=ml,
+                          ref_logps_w_pc=rw, ref_logps_l_pc=rl, **fields)
+
+
+def listwise_from_flat(logps_qc: Array, mask_qc: Array, scores_pk: Array,
+                       ref_logps_qc: Array | None = None, **fields: Any) -> ListwiseInputs:
+    """ListwiseInputs from the batch layout: Q = P * K sequences, list by list, in order."""
+    p, k = scores_pk.shape
+
+    def fold(x_qc):
+        return None if x_qc is None else x_qc.reshape(p, k, *x_qc.shape[1:])
+
+    return ListwiseInputs(logps_pkc=fold(logps_qc), mask_pkc=fold(mask_qc), scores_pk=scores_pk,
+                          ref_logps_pkc=fold(ref_logps_qc), **fields)
+
+
 def f32(x: Array | None) -> Array | None:
     """Cast to float32 (accumulate in fp32 whatever the model's dtype)."""
     return None if x is None else jnp.asarray(x, jnp.float32)

@@ -46,6 +46,8 @@ def list_output(loss_p: Array, inputs: ListwiseInputs, s_pk: Array, item_pk: Arr
         "loss": metric(loss_p, valid_p),
         "rewards/accuracy": metric(correct_pkk, pairs_pkk),
         "rewards/mean": metric(s_pk, item_pk * valid_p[:, None]),
+        "logps/mean": metric(jax.lax.stop_gradient(
+            seq_reduce(inputs.logps_pkc, inputs.mask_pkc)), item_pk * valid_p[:, None]),
     }
     return LossOutput(loss_p=loss_p, metrics=metrics, state=state)
 

@@ -27,7 +27,10 @@ def unpaired_log_ratio(inputs: UnpairedInputs) -> tuple[Array, Array]:
 
 def unpaired_output(loss_n: Array, inputs: UnpairedInputs, pol_n: Array, reward_n: Array,
                     state: Any = None, extra: Metrics | None = None) -> LossOutput:
-    """LossOutput with rewards / log-probs split by label (chosen = desirable)."""
+    """LossOutput with rewards / log-probs split by label (chosen = desirable).
+
+    Unpaired data has no pairs, so there is no accuracy or margin metric.
+    """
     valid_n = ones_like_lead(inputs.logps_nc, inputs.valid_n)
     desirable_n = valid_n * f32(inputs.label_n)
     undesirable_n = valid_n * (1.0 - f32(inputs.label_n))
@@ -41,6 +44,10 @@ def unpaired_output(loss_n: Array, inputs: UnpairedInputs, pol_n: Array, reward_
         "logps/chosen": metric(pol_n, desirable_n),
         "logps/rejected": metric(pol_n, undesirable_n),
     }
+    if inputs.ref_logps_nc is not None:
+        ref_n = seq_reduce(inputs.ref_logps_nc, inputs.mask_nc, inputs.token_weight_nc)
+        metrics["ref_logps/chosen"] = metric(ref_n, desirable_n)
+        metrics["ref_logps/rejected"] = metric(ref_n, undesirable_n)
     metrics.update(extra or {})
     return LossOutput(loss_p=loss_n, metrics=metrics, state=state)
 
