@@ -12,6 +12,9 @@ from collections import Counter
 
 # Skipped rows quoted in the summary; the rest are only counted.
 SHOWN_EXAMPLES = 5
+# Counts printed even when zero, so a clean start-up says so.
+ALWAYS_SHOWN = ("rows_read", "rows_skipped", "examples", "prompts_truncated",
+                "completions_truncated", "dropped_prompt_too_long", "dropped_completion_too_long")
 
 
 @dataclasses.dataclass
@@ -56,7 +59,9 @@ class DataReport:
         if self.rows:
             start, stop, total = self.rows
             lines.append(f"  this host reads rows [{start}, {stop}) of {total}")
-        lines += [f"  {name}: {count}" for name, count in sorted(self.counts.items()) if count]
+        lines += [f"  {name}: {self.counts[name]}" for name in ALWAYS_SHOWN]
+        lines += [f"  {name}: {count}" for name, count in sorted(self.counts.items())
+                  if count and name not in ALWAYS_SHOWN]
         reasons = Counter(reason.split(":")[0].split(" (")[0] for _, _, reason in self.skipped)
         for reason, count in reasons.most_common():
             lines.append(f"  skipped ({reason}): {count}")
