@@ -9,7 +9,8 @@ The column conventions are TRL's, so a dataset moves between the two unchanged:
   triple               prompt, gold, chosen, rejected                 (TPO)
 
 Every text field is either plain text or a conversational list of {"role", "content"} messages;
-a dataset is one or the other throughout. Paired rows may carry score_chosen, score_rejected,
+a dataset is one or the other throughout (a prompt column of another style than chosen is
+ignored, as TRL does, and the prompt is implicit). Paired rows may carry score_chosen, score_rejected,
 margin and weight; the others may carry weight.
 
 A `Record` is the normalised row: one prompt and K completions in a fixed order per kind
@@ -75,8 +76,11 @@ def present(row: dict, field: str) -> bool:
 
 
 def redundant_prompt(row: dict) -> bool:
-    """A prompt column of another style than chosen (text vs messages): TRL ignores such a column
-    and takes the prompt from the shared prefix of chosen and rejected."""
+    """Whether a row's prompt has another style than chosen (text vs messages).
+
+    TRL ignores such a prompt column and takes the prompt from the shared prefix of chosen and
+    rejected (UltraFeedback-binarised rows look like this); so do we.
+    """
     prompt, chosen = row.get("prompt"), row.get("chosen")
     return ((isinstance(prompt, str) and isinstance(chosen, (list, tuple)))
             or (isinstance(prompt, (list, tuple)) and isinstance(chosen, str)))
