@@ -4,8 +4,13 @@ Every loss is `fn(inputs, state=None, **hyper) -> LossOutput`: arrays in, arrays
 call. Per-token log-probs arrive with masks; sums, means, LD-DPO length-desensitised sums and the
 reference-free case are all computed by `seq_reduce` / `pair_logps` below, never inside a loss.
 
-Shape letters: `p` pairs (prompts), `c` completion positions, `v` vocabulary, `n` unpaired
-examples, `k` list items (listwise) or ensemble members, `e` ensemble members.
+Filler examples (valid = 0) keep shapes static: they get loss 0, enter no metric and no batch
+statistic, and receive exactly zero gradient. They may hold any FINITE values; padding
+positions (mask 0) may hold anything, nan included.
+
+Shape letters: `p` pairs (prompts), `q` sequences in the batch layout (2P paired, P*K listwise),
+`c` completion positions, `v` vocabulary, `n` unpaired examples, `k` list items, `x` any
+leading axes.
 """
 
 from __future__ import annotations
