@@ -1,0 +1,187 @@
+"""Batched sampling with a KV cache: greedy, temperature, top-k, top-p, EOS and stop tokens.
+
+Shape letters: `b` prompts in the batch, `t` prompt positions (left-padded), `n` new tokens,
+`v` vocabulary, `d` model width.
+
+The whole decode (prefill + token loop) is one jitted function of `(graphdef, state, inputs, rng)`;
+the model is split with `nnx.split` at the boundary so nothing inside jit is stateful. Rows stop
+independently at an EOS or stop token; the loop ends early once every row has stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token; frozen so it can be a static jit argument.
+
+    Attributes:
+      max_new_tokens: tokens to generate at most per prompt.
+      temperature: softmax temperature; 0 means greedy (argmax).
+      top_k: keep only the k most likely tokens (0 = off).
+      top_p: keep the smallest set of tokens whose probability reaches p (1.0 = off).
+      stop_ids: token ids that end a row (EOS and any stop tokens); the stop token is kept.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Generation(NamedTuple):
+    """What `generate` returns (numpy arrays).
+
+    Attributes:
+      tokens_bn: generated token ids; positions after a row stopped hold `pad_id`.
+      logps_bn: log-prob of each generated token under the model (temperature 1, no filtering),
+        the quantity RL objectives need; 0 where `mask_bn` is 0.
+      sample_logps_bn: log-prob under the distribution actually sampled from (after temperature,
+        top-k, top-p); equals `logps_bn` for plain temperature-1 sampling.
+      mask_bn: 1 for generated tokens (including the stop token), 0 after a row stopped.
+      lengths_b: number of generated tokens per row.
+    """
+
+    tokens_bn: np.ndarray
+    logps_bn: np.ndarray
+    sample_logps_bn: np.ndarray
+    mask_bn: np.ndarray
+    lengths_b: np.ndarray
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """Left-pads token lists into `(tokens_bt, positions_bt, segment_ids_bt)`; padding is segment 0."""
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens_bt = np.full((len(prompts), width), pad_id, np.int32)
+    positions_bt = np.zeros((len(prompts), width), np.int32)
+    segment_ids_bt = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens_bt[i, width - n:] = np.asarray(p, np.int32)
+        positions_bt[i, width - n:] = np.arange(n, dtype=np.int32)
+        segment_ids_bt[i, width - n:] = 1
+    return tokens_bt, positions_bt, segment_ids_bt
+
+
+def filter_logits(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Applies temperature, top-k and top-p to float32 logits; removed tokens get -inf."""
+    logits_bv = logits_bv / config.temperature
+    if config.top_k:
+        kth_b1 = jax.lax.top_k(logits_bv, config.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+    if config.top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        # Probability mass strictly before each sorted token: keep while it is below top_p,
+        # so the token that crosses the threshold is kept too.
+        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        kept_b = jnp.sum(before_bv < config.top_p, axis=-1)
+        cutoff_b1 = jnp.take_along_axis(sorted_bv, kept_b[:, None] - 1, axis=-1)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+    return logits_bv
+
+
+def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array):
+    """Picks the next token; returns `(token_b, model_logp_b, sample_logp_b)`."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    if config.temperature == 0.0:
+        token_b = jnp.argmax(logits_bv, axis=-1)
+        sample_logp_b = jnp.zeros(token_b.shape, jnp.float32)
+    else:
+        filtered_bv = filter_logits(logits_bv, config)
+        token_b = jax.random.categorical(rng, filtered_bv, axis=-1)
+        sample_logp_bv = jax.nn.log_softmax(filtered_bv, axis=-1)
+        sample_logp_b = jnp.take_along_axis(sample_logp_bv, token_b[:, None], axis=-1)[:, 0]
+    model_logp_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+    return token_b.astype(jnp.int32), model_logp_b, sample_logp_b
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id"))
+def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, config, pad_id):
+    model = nnx.merge(graphdef, state)
+    batch, width = tokens_bt.shape
+    n_new = config.max_new_tokens
+    cache = model.init_cache(batch, width + n_new)
+    hidden_btd, cache = model(tokens_bt, positions_bt, segment_ids_bt, cache=cache, return_hidden=True)
+    logits_bv = model.project(hidden_btd[:, -1:])[:, 0]
+    next_pos_b = jnp.max(positions_bt, axis=-1) + 1
+    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+    def body(carry):
+        i, cache, logits_bv, out, done_b, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng)
+        live_b = ~done_b
+        out = (
+            out[0].at[:, i].set(jnp.where(live_b, token_b, pad_id)),
+            out[1].at[:, i].set(jnp.where(live_b, logp_b, 0.0)),
+            out[2].at[:, i].set(jnp.where(live_b, sample_logp_b, 0.0)),
+            out[3].at[:, i].set(live_b.astype(jnp.int32)),
+        )
+        done_b = done_b | jnp.isin(token_b, stop_ids)
+        hidden_b1d, cache = model(
+            token_b[:, None], (next_pos_b + i)[:, None], jnp.ones((batch, 1), jnp.int32),
+            cache=cache, return_hidden=True)
+        logits_bv = model.project(hidden_b1d)[:, 0]
+        return i + 1, cache, logits_bv, out, done_b, rng
+
+    def cond(carry):
+        i, _, _, _, done_b, _ = carry
+        return (i < n_new) & ~jnp.all(done_b)
+
+    out = (
+        jnp.full((batch, n_new), pad_id, jnp.int32),
+        jnp.zeros((batch, n_new), jnp.float32),
+        jnp.zeros((batch, n_new), jnp.float32),
+        jnp.zeros((batch, n_new), jnp.int32),
+    )
+    carry = (jnp.int32(0), cache, logits_bv, out, jnp.zeros((batch,), bool), rng)
+    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out
+
+
+def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
+             rng: jax.Array | int = 0, pad_id: int = 0) -> Generation:
+    """Samples continuations for a batch of token-id prompts of any lengths.
+
+    Args:
+      model: a `prefopt_jax.models.Transformer` (anything with the KV-cache contract of
+        docs/interfaces.md).
+      prompts: token-id lists, one per row; they are left-padded internally.
+      config: the sampling settings.
+      rng: a PRNG key or an int seed; the same seed gives the same output.
+      pad_id: the id written after a row stops.
+    """
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    tokens_bt, positions_bt, segment_ids_bt = left_pad(prompts, pad_id)
+    graphdef, state = nnx.split(model)
+    tokens, logps, sample_logps, mask = jax.device_get(_decode(
+        graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, config=config, pad_id=pad_id))
+    return Generation(tokens, logps, sample_logps, mask, mask.sum(axis=-1))
