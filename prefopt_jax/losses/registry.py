@@ -30,7 +30,7 @@ def register(name: str) -> Callable[[Callable], Callable]:
 
 
 def get(name: str) -> Callable:
-    """The objective registered as `name`; unknown names raise UnknownLossError listing known ones."""
+    """The objective registered as `name`; unknown names raise UnknownLossError listing all."""
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -257,7 +257,8 @@ def ref_sppo(case, beta=1e-3):
 def ref_tgdpo(case, beta=0.1, alpha=0.5):
     dw = (case["lw"] - case["rw"]) * case["mw"]
     dl = (case["ll"] - case["rl"]) * case["ml"]
-    z = (beta * (1 + alpha * case["trw"]) * dw).sum(-1) - (beta * (1 - alpha * case["trl"]) * dl).sum(-1)
+    z = ((beta * (1 + alpha * case["trw"]) * dw).sum(-1)
+         - (beta * (1 - alpha * case["trl"]) * dl).sum(-1))
     return -logsig(z)
 
 

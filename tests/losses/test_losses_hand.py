@@ -53,7 +53,8 @@ PAIRWISE = [
     ("ipo", {}, (1.25 - 5.0) ** 2),
     ("hinge", {}, 1 - 0.15),
     ("slic", {}, 1.0 + 0.5 * 3.0),  # max(0, 1 + 3 - 3) + 0.5 * NLL_sum(y_w) = 3
-    ("exo_pair", {}, s(0.15) * (ls(0.15) - math.log(0.999)) + s(-0.15) * (ls(-0.15) - math.log(1e-3))),
+    ("exo_pair", {},
+     s(0.15) * (ls(0.15) - math.log(0.999)) + s(-0.15) * (ls(-0.15) - math.log(1e-3))),
     ("nca_pair", {}, sp(-0.05) + 0.5 * sp(0.05) + 0.5 * sp(-0.1)),
     ("bco_pair", {}, 2 * sp(-0.075)),  # m = mean(0.05, -0.1) = -0.025
     ("bco_pair", {"running_mean": False}, sp(-0.05) + sp(-0.1)),

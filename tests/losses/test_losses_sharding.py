@@ -6,7 +6,6 @@ the batch split over data x fsdp.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
