@@ -1,10 +1,14 @@
 """KV cache: chunked prefill + token-by-token decode of left-padded prompts == one full forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from prefopt_jax.models.hf import model_from_params
 
 PROMPT_LENGTHS = (5, 2, 8)
 WIDTH, N_NEW, SLOTS = 8, 3, 16  # left-padded prompt width, decoded tokens, cache length
@@ -31,10 +35,13 @@ def left_padded_batch(seed=0):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_prefill_and_decode_match_full_forward(scan_layers, tiny_model, forward):
-    model = tiny_model(seed=3, scan_layers=scan_layers)
+def test_prefill_and_decode_match_full_forward(scan_layers, tiny_model, tiny_params, forward):
+    plain = tiny_model(seed=3)
+    # The same parameters in the layout under test; the reference is always the plain forward.
+    model = model_from_params(dataclasses.replace(plain.config, scan_layers=scan_layers),
+                              tiny_params(plain.config, seed=3))
     tokens, positions, segments = left_padded_batch()
-    full = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(positions),
+    full = np.asarray(forward(plain, jnp.asarray(tokens), jnp.asarray(positions),
                               jnp.asarray(segments)))
     cache = model.init_cache(len(PROMPT_LENGTHS), SLOTS)
     assert cache["k"].shape == (2, 3, SLOTS, 2, 16) and int(cache["index"]) == 0

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from prefopt_jax.models.hf import builtin_path
 
@@ -43,13 +44,17 @@ def transformers_reference(tmp_path_factory):
         proc.kill()
 
 
+@nnx.jit
+def _logps(model, tokens_bt, positions_bt):
+    logits_btv = model(tokens_bt, positions_bt).astype(jnp.float32)
+    logps_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+    return jnp.take_along_axis(logps_btv[0, :-1], tokens_bt[0, 1:, None], -1)[:, 0]
+
+
 def our_logps(model, ids):
     """log p(ids[t] | ids[:t]) for t >= 1, log-softmax in float32 outside the model."""
     tokens_bt = jnp.asarray([ids], jnp.int32)
-    positions_bt = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    logits_btv = model(tokens_bt, positions_bt).astype(jnp.float32)
-    logps_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-    return np.asarray(jnp.take_along_axis(logps_btv[0, :-1], tokens_bt[0, 1:, None], -1)[:, 0])
+    return np.asarray(_logps(model, tokens_bt, jnp.arange(len(ids), dtype=jnp.int32)[None]))
 
 
 def test_smollm2_config_and_tokenizer(transformers_reference, smollm2):

@@ -37,20 +37,17 @@ def test_mesh_axes_are_auto():
     assert all(t == AxisType.Auto for t in mesh.axis_types)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_sharded_forward_equals_single_device(scan_layers, tiny_model):
-    model = tiny_model(seed=7, scan_layers=scan_layers)
+def test_sharded_forward_equals_single_device(tiny_model):
+    model = tiny_model(seed=7)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, tokens, positions: nnx.merge(graphdef, state)(tokens, positions))
     single = np.asarray(forward(state, TOKENS_BT, POSITIONS_BT))
 
     mesh = sharding.make_mesh((2, 2, 2))
-    shardings = sharding.state_shardings(state, mesh)
-    sharded_state = jax.device_put(state, shardings)
-    w_gate = sharded_state["layers"]["mlp"]["w_gate"] if scan_layers \
-        else sharded_state["layers"][0]["mlp"]["w_gate"]
-    lead = (None,) if scan_layers else ()
-    assert w_gate.get_value().sharding.spec == P(*lead, "fsdp", "tensor")
+    sharded_state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    w_gate = sharded_state["layers"][0]["mlp"]["w_gate"].get_value()
+    assert w_gate.sharding.spec == P("fsdp", "tensor")
+    assert len({shard.device for shard in w_gate.addressable_shards}) == 8
     batch = jax.device_put((TOKENS_BT, POSITIONS_BT),
                            jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)))
     with jax.set_mesh(mesh):
@@ -59,10 +56,21 @@ def test_sharded_forward_equals_single_device(scan_layers, tiny_model):
     np.testing.assert_allclose(np.asarray(logits), single, atol=1e-5)
 
 
+def test_scanned_state_shardings_have_a_replicated_layers_axis():
+    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, scan_layers=True)
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    shardings = sharding.state_shardings(nnx.state(abstract), sharding.make_mesh((2, 2, 2)))
+    layers = shardings["layers"]
+    assert layers["mlp"]["w_gate"].get_value().spec == P(None, "fsdp", "tensor")
+    assert layers["attn"]["w_o"].get_value().spec == P(None, "tensor", None, "fsdp")
+    assert shardings["lm_head"].get_value().spec == P("fsdp", "tensor")
+
+
 def test_init_under_jit_with_out_shardings():
     """Invariant 1: params are created already sharded from eval_shape + the rules."""
-    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2)
+    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
+                         num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     mesh = sharding.make_mesh((2, 2, 2))
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -71,4 +79,4 @@ def test_init_under_jit_with_out_shardings():
                    out_shardings=shardings)
     state = init()
     assert state["embed"].get_value().sharding.spec == P("tensor", "fsdp")
-    assert state["layers"][1]["attn"]["w_k"].get_value().sharding.spec == P("fsdp", "tensor", None)
+    assert state["layers"][0]["attn"]["w_k"].get_value().sharding.spec == P("fsdp", "tensor", None)

@@ -1,0 +1,120 @@
+"""Forward and forward+backward throughput of SmolLM2-135M, with the machine's matmul peak and MFU.
+
+Prints one JSON object. Usage (CPU, float32, batch 4 x 256 by default)::
+
+    python benchmarks/forward.py [--batch 4] [--length 256] [--steps 3] [--no-scan]
+
+FLOP accounting (PaLM appendix B convention): a forward pass costs ``2 * N`` per token for the
+``N`` parameters that enter matmuls (every projection plus the output projection, tied or not;
+the embedding lookup is a gather, not a matmul) plus ``4 * L * T * H * Dh`` per token for
+attention scores and values over the full ``T x T`` square that XLA computes before masking;
+forward+backward costs three times the forward. MFU is achieved model FLOP/s over the measured
+peak of one large float32 ``jnp.dot`` on the same devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefopt_jax.models import from_pretrained
+
+
+def best_time(fn, *args, steps: int) -> float:
+    """Best wall time of ``steps`` runs of an already compiled function."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(n: int = 2048, steps: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of one ``[n, n] @ [n, n]``."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    return 2 * n ** 3 / best_time(dot, a, b, steps=steps)
+
+
+def matmul_params(config) -> int:
+    """Parameters that enter matmuls (see module docstring)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    attn = d * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+    return config.num_layers * (attn + 3 * d * f) + d * v
+
+
+def forward_flops_per_token(config, length: int) -> float:
+    attention = 4 * config.num_layers * length * config.num_heads * config.head_dim
+    return 2 * matmul_params(config) + attention
+
+
+def make_steps(graphdef):
+    """Jitted forward (logits) and forward+backward (mean next-token NLL, fp32 log-softmax)."""
+
+    @jax.jit
+    def forward(state, tokens_bt, positions_bt):
+        return nnx.merge(graphdef, state)(tokens_bt, positions_bt)
+
+    def loss_fn(state, tokens_bt, positions_bt):
+        logits_btv = nnx.merge(graphdef, state)(tokens_bt, positions_bt).astype(jnp.float32)
+        logps_btv = jax.nn.log_softmax(logits_btv[:, :-1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logps_btv, tokens_bt[:, 1:, None], -1))
+
+    return forward, jax.jit(jax.value_and_grad(loss_fn))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-scan", action="store_true", help="unrolled layers (slower compile)")
+    args = parser.parse_args()
+
+    model, _ = from_pretrained("smollm2-135m-instruct", load_tokenizer=False,
+                               scan_layers=not args.no_scan)
+    config = model.config
+    graphdef, state = nnx.split(model)
+    forward, forward_backward = make_steps(graphdef)
+    rng = np.random.default_rng(0)
+    tokens_bt = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.length)), jnp.int32)
+    positions_bt = jnp.tile(jnp.arange(args.length, dtype=jnp.int32), (args.batch, 1))
+    tokens = args.batch * args.length
+
+    results = {}
+    for name, fn, multiple in (("forward", forward, 1), ("forward_backward", forward_backward, 3)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(state, tokens_bt, positions_bt))
+        compile_s = time.perf_counter() - start
+        seconds = best_time(fn, state, tokens_bt, positions_bt, steps=args.steps)
+        flops = multiple * forward_flops_per_token(config, args.length) * tokens
+        results[name] = {"tokens_per_s": tokens / seconds, "step_s": seconds,
+                         "first_call_s": compile_s, "model_flop_per_s": flops / seconds}
+    peak = matmul_peak()
+    for entry in results.values():
+        entry["mfu"] = entry["model_flop_per_s"] / peak
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", "dtype": "float32",
+        "scan_layers": config.scan_layers, "batch": args.batch, "length": args.length,
+        "params_total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)),
+        "params_matmul": matmul_params(config),
+        "forward_flop_per_token": forward_flops_per_token(config, args.length),
+        "matmul_peak_flop_per_s": peak, **results,
+        "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "jax": jax.__version__,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
