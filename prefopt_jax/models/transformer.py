@@ -170,7 +170,8 @@ def attention_mask(seg_q_bt, branch_q_bt, seg_k_bs, branch_k_bs, q_offset,
     if sliding_window is not None:
         allowed_ts &= q_slot_t[:, None] - k_slot_s[None, :] < sliding_window
     same_seg_bts = seg_q_bt[:, :, None] == seg_k_bs[:, None, :]
-    branch_ok_bts = (branch_k_bs[:, None, :] == 0) | (branch_k_bs[:, None, :] == branch_q_bt[:, :, None])
+    branch_k_b1s = branch_k_bs[:, None, :]
+    branch_ok_bts = (branch_k_b1s == 0) | (branch_k_b1s == branch_q_bt[:, :, None])
     return (allowed_ts[None] & same_seg_bts & branch_ok_bts)[:, None]
 
 
@@ -211,11 +212,12 @@ class Attention(nnx.Module):
         self.w_k = _param(rngs, _dense_init, (d, k, e), ("embed", "kv_heads", "head_dim"), config)
         self.w_v = _param(rngs, _dense_init, (d, k, e), ("embed", "kv_heads", "head_dim"), config)
         self.w_o = _param(rngs, _dense_init, (h, e, d), ("heads", "head_dim", "embed"), config)
-        qkv_bias, out_bias = config.attention_bias, config.attention_out_bias
-        self.b_q = _param(rngs, _zeros_init, (h, e), ("heads", "head_dim"), config) if qkv_bias else None
-        self.b_k = _param(rngs, _zeros_init, (k, e), ("kv_heads", "head_dim"), config) if qkv_bias else None
-        self.b_v = _param(rngs, _zeros_init, (k, e), ("kv_heads", "head_dim"), config) if qkv_bias else None
-        self.b_o = _param(rngs, _zeros_init, (d,), ("embed",), config) if out_bias else None
+        bias = lambda shape, names, on: (  # noqa: E731
+            _param(rngs, _zeros_init, shape, names, config) if on else None)
+        self.b_q = bias((h, e), ("heads", "head_dim"), config.attention_bias)
+        self.b_k = bias((k, e), ("kv_heads", "head_dim"), config.attention_bias)
+        self.b_v = bias((k, e), ("kv_heads", "head_dim"), config.attention_bias)
+        self.b_o = bias((d,), ("embed",), config.attention_out_bias)
 
     def _project(self, x_btd, w, b, names):
         out = jnp.einsum("btd,dne->btne", x_btd, w[...].astype(self.dtype))
@@ -228,15 +230,18 @@ class Attention(nnx.Module):
 
         Returns ``(out_btd, new_kv)``; ``new_kv`` is None without a cache.
         """
-        q_bthe = self._project(x_btd, self.w_q, self.b_q, ("batch", "length", "heads", "head_dim"))
-        k_btke = self._project(x_btd, self.w_k, self.b_k, ("batch", "length", "kv_heads", "head_dim"))
-        v_btke = self._project(x_btd, self.w_v, self.b_v, ("batch", "length", "kv_heads", "head_dim"))
+        q_names, kv_names = ("batch", "length", "heads", "head_dim"), ("batch", "length",
+                                                                       "kv_heads", "head_dim")
+        q_bthe = self._project(x_btd, self.w_q, self.b_q, q_names)
+        k_btke = self._project(x_btd, self.w_k, self.b_k, kv_names)
+        v_btke = self._project(x_btd, self.w_v, self.b_v, kv_names)
         q_bthe = apply_rope(q_bthe, cos_bte, sin_bte)
         k_btke = apply_rope(k_btke, cos_bte, sin_bte)
         new_kv = None
         if kv is not None:
-            k_bske = jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), (0, index, 0, 0))
-            v_bske = jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), (0, index, 0, 0))
+            start = (0, index, 0, 0)
+            k_bske = jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), start)
+            v_bske = jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), start)
             new_kv = (k_bske, v_bske)
             k_btke, v_btke = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
         # GQA: dot_product_attention groups H query heads over K kv heads natively.
@@ -297,12 +302,12 @@ class Transformer(nnx.Module):
         else:
             self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config, rngs=rngs)
-        tied = config.tie_word_embeddings
-        self.lm_head = None if tied else _param(rngs, _dense_init, (d, v), ("embed", "vocab"), config)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else _param(rngs, _dense_init, (d, v), ("embed", "vocab"), config))
 
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, branch_ids_bt=None, *,
                  cache=None, return_hidden=False):
-        """Logits ``[B, T, V]`` (or hidden states ``[B, T, D]``); with a cache, also the new cache."""
+        """Logits ``[B, T, V]`` (or hidden ``[B, T, D]``); with a cache, also the new cache."""
         tokens_bt = jnp.asarray(tokens_bt)
         _check_inputs(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt)
         seg_bt = _or_fill(segment_ids_bt, tokens_bt.shape, 1)
@@ -322,7 +327,8 @@ class Transformer(nnx.Module):
             branch_bs = jax.lax.dynamic_update_slice(cache["branch_ids"], branch_bt, (0, index))
             mask_b1ts = attention_mask(seg_bt, branch_bt, seg_bs, branch_bs, index, window)
             kv = (cache["k"], cache["v"])
-            x_btd, (k_lbske, v_lbske) = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
+            x_btd, (k_lbske, v_lbske) = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, kv,
+                                                         index)
             new_cache = {"k": k_lbske, "v": v_lbske, "segment_ids": seg_bs, "branch_ids": branch_bs,
                          "index": index + tokens_bt.shape[1]}
         hidden_btd = self.final_norm(x_btd)
@@ -331,11 +337,12 @@ class Transformer(nnx.Module):
 
     def project(self, hidden_btd: jax.Array) -> jax.Array:
         """Logits from final (already normed) hidden states, in the compute dtype."""
-        hidden_btd = hidden_btd.astype(self.config.dtype)
+        dtype = self.config.dtype
+        hidden_btd = hidden_btd.astype(dtype)
         if self.lm_head is None:
-            logits = jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(self.config.dtype))
+            logits = jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(dtype))
         else:
-            logits = hidden_btd @ self.lm_head[...].astype(self.config.dtype)
+            logits = hidden_btd @ self.lm_head[...].astype(dtype)
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "length", "vocab"))
         return logits

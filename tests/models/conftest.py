@@ -71,7 +71,10 @@ def _forward(model, tokens_bt, positions_bt, segment_ids_bt=None, branch_ids_bt=
 
 @pytest.fixture(scope="session")
 def forward():
-    """Jitted ``model(tokens, positions, segment_ids=None, branch_ids=None)`` (one compile per config)."""
+    """Jitted ``model(tokens, positions, segment_ids=None, branch_ids=None)``.
+
+    Module-level, so the compiled program is reused by every test with the same config/shapes.
+    """
     return _forward
 
 

@@ -22,7 +22,8 @@ HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 CASES = {
-    "llama_gqa_llama3_untied": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE)),
+    "llama_gqa_llama3_untied": ("LlamaConfig", dict(num_key_value_heads=2,
+                                                    rope_scaling=LLAMA3_ROPE)),
     "llama_mqa_linear_tied_bias": ("LlamaConfig", dict(
         num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0},
         tie_word_embeddings=True, attention_bias=True)),
@@ -44,7 +45,8 @@ def _forward(model, tokens_bt, positions_bt):
 
 
 def jax_logits(model, tokens_bt=TOKENS_BT, positions_bt=POSITIONS_BT) -> np.ndarray:
-    return np.asarray(_forward(model, jnp.asarray(tokens_bt), jnp.asarray(positions_bt)), np.float32)
+    logits = _forward(model, jnp.asarray(tokens_bt), jnp.asarray(positions_bt))
+    return np.asarray(logits, np.float32)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

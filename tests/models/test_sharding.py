@@ -40,7 +40,8 @@ def test_mesh_axes_are_auto():
 def test_sharded_forward_equals_single_device(tiny_model):
     model = tiny_model(seed=7)
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens, positions: nnx.merge(graphdef, state)(tokens, positions))
+    forward = jax.jit(lambda state, tokens, positions:
+                      nnx.merge(graphdef, state)(tokens, positions))
     single = np.asarray(forward(state, TOKENS_BT, POSITIONS_BT))
 
     mesh = sharding.make_mesh((2, 2, 2))

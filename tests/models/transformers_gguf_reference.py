@@ -32,7 +32,8 @@ def load_model(path: Path):
 
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True,
+                                       model_to_load=model)["tensors"]
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
