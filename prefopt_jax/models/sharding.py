@@ -144,9 +144,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
 
 def constrain(x: jax.Array, names: Sequence[str | None],
               rules: Rules = LOGICAL_AXIS_RULES) -> jax.Array:
-    """Sharding constraint by logical names; a no-op when no mesh is set (``jax.set_mesh``)."""
+    """Sharding constraint by logical names, a hint for Auto mesh axes.
+
+    A no-op without a mesh (``jax.set_mesh``), on one device, and when any axis is not Auto:
+    under Explicit axes shardings travel in the array types, and inside ``shard_map`` (Manual
+    axes) a global constraint would be wrong.
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or mesh.size == 1 or not mesh.are_all_axes_auto:
         return x
     spec = logical_to_spec(names, x.shape, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, spec)

@@ -81,3 +81,15 @@ def test_init_under_jit_with_out_shardings():
     state = init()
     assert state["embed"].get_value().sharding.spec == P("tensor", "fsdp")
     assert state["layers"][0]["attn"]["w_k"].get_value().sharding.spec == P("fsdp", "tensor", None)
+
+
+def test_constrain_is_a_hint_only_on_auto_meshes():
+    x = jnp.ones((4, 16, 64))
+    names = ("batch", "length", "embed")
+    assert sharding.constrain(x, names) is x  # no mesh set
+    explicit = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Explicit,) * 3)
+    with jax.set_mesh(explicit):
+        assert sharding.constrain(x, names) is x
+    with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
+        y = jax.jit(lambda x: sharding.constrain(x, names))(x)
+    assert y.sharding.spec[0] == ("data", "fsdp") and all(a is None for a in y.sharding.spec[1:])
