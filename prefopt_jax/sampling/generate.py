@@ -6,6 +6,10 @@ Shape letters: `b` prompts in the batch, `t` prompt positions (left-padded), `n`
 The whole decode (prefill + token loop) is one jitted function of `(graphdef, state, inputs, rng)`;
 the model is split with `nnx.split` at the boundary so nothing inside jit is stateful. Rows stop
 independently at an EOS or stop token; the loop ends early once every row has stopped.
+
+The pieces are public so `search.py` shares them: `prefill` and `model_step` drive the model's
+KV cache, `reorder_state` picks cache rows (beams), and `sample_loop` is the token loop for any
+policy given as a step function `(state, token_b) -> (logits_bv, state)`.
 """
 
 from __future__ import annotations
@@ -122,19 +126,51 @@ def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array):
     return token_b.astype(jnp.int32), model_logp_b, sample_logp_b
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id"))
-def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, config, pad_id):
-    model = nnx.merge(graphdef, state)
-    batch, width = tokens_bt.shape
-    n_new = config.max_new_tokens
-    cache = model.init_cache(batch, width + n_new)
-    hidden_btd, cache = model(tokens_bt, positions_bt, segment_ids_bt, cache=cache, return_hidden=True)
+def prefill(model, tokens_bt, positions_bt, segment_ids_bt, cache_length: int):
+    """Runs left-padded prompts into a fresh KV cache; returns `(logits_bv, state)`.
+
+    `state` is `(cache, next_positions_b)`, what `model_step` and `reorder_state` carry.
+    """
+    batch = tokens_bt.shape[0]
+    cache = model.init_cache(batch, cache_length)
+    hidden_btd, cache = model(tokens_bt, positions_bt, segment_ids_bt, cache=cache,
+                              return_hidden=True)
     logits_bv = model.project(hidden_btd[:, -1:])[:, 0]
-    next_pos_b = jnp.max(positions_bt, axis=-1) + 1
+    return logits_bv, (cache, jnp.max(positions_bt, axis=-1) + 1)
+
+
+def model_step(model, state, token_b):
+    """Feeds one token per row through the cache; returns `(logits_bv, state)`."""
+    cache, positions_b = state
+    hidden_b1d, cache = model(
+        token_b[:, None], positions_b[:, None], jnp.ones((token_b.shape[0], 1), jnp.int32),
+        cache=cache, return_hidden=True)
+    return model.project(hidden_b1d)[:, 0], (cache, positions_b + 1)
+
+
+def reorder_state(state, index_b):
+    """Rows `index_b` of a `(cache, next_positions_b)` state (beam reordering, row repeats)."""
+    cache, positions_b = state
+    cache = dict(cache)
+    for name in ("k", "v"):  # [L, B, S, K, Dh]: rows are axis 1
+        cache[name] = jnp.take(cache[name], index_b, axis=1)
+    for name in ("segment_ids", "branch_ids"):
+        cache[name] = jnp.take(cache[name], index_b, axis=0)
+    return cache, jnp.take(positions_b, index_b, axis=0)
+
+
+def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: int):
+    """The token loop of `generate` for any policy: `step_fn(state, token_b) -> (logits, state)`.
+
+    Model-agnostic so that a tabular policy and the Transformer run the same code. Returns
+    `(tokens_bn, logps_bn, sample_logps_bn, mask_bn)` as jax arrays.
+    """
+    batch = logits_bv.shape[0]
+    n_new = config.max_new_tokens
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
     def body(carry):
-        i, cache, logits_bv, out, done_b, rng = carry
+        i, state, logits_bv, out, done_b, rng = carry
         rng, step_rng = jax.random.split(rng)
         token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng)
         live_b = ~done_b
@@ -145,11 +181,8 @@ def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, co
             out[3].at[:, i].set(live_b.astype(jnp.int32)),
         )
         done_b = done_b | jnp.isin(token_b, stop_ids)
-        hidden_b1d, cache = model(
-            token_b[:, None], (next_pos_b + i)[:, None], jnp.ones((batch, 1), jnp.int32),
-            cache=cache, return_hidden=True)
-        logits_bv = model.project(hidden_b1d)[:, 0]
-        return i + 1, cache, logits_bv, out, done_b, rng
+        logits_bv, state = step_fn(state, token_b)
+        return i + 1, state, logits_bv, out, done_b, rng
 
     def cond(carry):
         i, _, _, _, done_b, _ = carry
@@ -161,9 +194,17 @@ def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, co
         jnp.zeros((batch, n_new), jnp.float32),
         jnp.zeros((batch, n_new), jnp.int32),
     )
-    carry = (jnp.int32(0), cache, logits_bv, out, jnp.zeros((batch,), bool), rng)
-    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out
+    carry = (jnp.int32(0), state, logits_bv, out, jnp.zeros((batch,), bool), rng)
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id"))
+def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, config, pad_id):
+    model = nnx.merge(graphdef, state)
+    cache_length = tokens_bt.shape[1] + config.max_new_tokens
+    logits_bv, decode_state = prefill(model, tokens_bt, positions_bt, segment_ids_bt, cache_length)
+    step_fn = functools.partial(model_step, model)
+    return sample_loop(step_fn, logits_bv, decode_state, config, rng, pad_id)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
