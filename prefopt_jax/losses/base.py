@@ -147,6 +147,32 @@ class DistillInputs:
 
 
 @flax.struct.dataclass
+class RolloutInputs:
+    """Sampled completions for the online RL losses (rl.py), groups of `group_size` in order.
+
+    Fields:
+      logps_nc, mask_nc: [N, C] current-policy log-probs and completion mask.
+      rewards_n: [N] sequence reward r(x, y).
+      old_logps_nc: [N, C] behaviour-policy log-probs; None = on-policy (logps, no gradient).
+      ref_logps_nc: [N, C] reference log-probs; None = no KL term.
+      values_nc, old_values_nc: [N, C] critic values now and at sampling time (ppo, rto).
+      valid_n, weight_n: as in UnpairedInputs.
+      extras: loss-specific arrays (rto: `dpo_logps_nc`; pref_grpo: `win_prob_gkk`).
+    """
+
+    logps_nc: Array
+    mask_nc: Array
+    rewards_n: Array
+    old_logps_nc: Array | None = None
+    ref_logps_nc: Array | None = None
+    values_nc: Array | None = None
+    old_values_nc: Array | None = None
+    valid_n: Array | None = None
+    weight_n: Array | None = None
+    extras: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
 class LossOutput:
     """Per-example loss (0 on filler), metrics as (sum, count) pairs, and the returned state.
 

@@ -144,17 +144,48 @@ def ensemble_case(seed=0, e=5, n=7, m=10):
             "ref": rng.normal(size=(n, m))}
 
 
+def rollout_case(seed=0, g=4, k=4, c=5):
+    """Groups of k sampled completions; the last group is filler, and so is one row of group 0."""
+    rng = np.random.default_rng(seed)
+    n = g * k
+    valid = np.ones(n)
+    valid[-k:] = 0.0
+    valid[1] = 0.0
+    logps = _logps(rng, (n, c))
+    win = rng.uniform(size=(g, k, k))
+    win = np.triu(win, 1) + np.tril(1 - win.transpose(0, 2, 1), -1) + 0.5 * np.eye(k)
+    case = {"l": logps, "old": logps + rng.normal(scale=0.3, size=(n, c)),
+            "r": _logps(rng, (n, c)), "dpo": _logps(rng, (n, c)), "m": _mask(rng, (n, c)),
+            "rewards": rng.normal(size=n), "v": rng.normal(size=(n, c)),
+            "oldv": rng.normal(size=(n, c)), "valid": valid, "weight": np.ones(n),
+            "win": win, "k": k}
+    fill = valid == 0
+    case["l"][fill] = -rng.uniform(0, 50, size=(fill.sum(), c))
+    return case
+
+
+def rollout_inputs(case, dtype=jnp.float32):
+    a = lambda key: jnp.asarray(case[key], dtype)  # noqa: E731
+    return losses.RolloutInputs(
+        logps_nc=a("l"), mask_nc=a("m"), rewards_n=a("rewards"), old_logps_nc=a("old"),
+        ref_logps_nc=a("r"), values_nc=a("v"), old_values_nc=a("oldv"), valid_n=a("valid"),
+        extras={"dpo_logps_nc": a("dpo"), "win_prob_gkk": a("win")})
+
+
 # Which input family each registered name takes.
 UNPAIRED = ("kto", "bco")
 LISTWISE = ("plackett_luce", "lipo_lambda")
 REWARD = ("bradley_terry",)
 DISTILL = ("aligndistil",)
 AGGREGATORS = ("ensemble_mean", "wco", "uwo", "par")
+ROLLOUT = ("ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")
+GROUPED = ("grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")
 
 
 def family(name):
     for fam, names in (("unpaired", UNPAIRED), ("listwise", LISTWISE), ("reward", REWARD),
-                       ("distill", DISTILL), ("aggregator", AGGREGATORS)):
+                       ("distill", DISTILL), ("aggregator", AGGREGATORS),
+                       ("rollout", ROLLOUT)):
         if name in names:
             return fam
     return "pairwise"
@@ -162,4 +193,10 @@ def family(name):
 
 CASES = {"pairwise": (pair_case, pair_inputs), "unpaired": (unpaired_case, unpaired_inputs),
          "listwise": (list_case, list_inputs), "reward": (reward_case, reward_inputs),
-         "distill": (distill_case, distill_inputs)}
+         "distill": (distill_case, distill_inputs),
+         "rollout": (rollout_case, rollout_inputs)}
+
+
+def default_hyper(name, case):
+    """Hyperparameters a loss cannot default (the group size of the grouped RL losses)."""
+    return {"group_size": case["k"]} if name in GROUPED else {}

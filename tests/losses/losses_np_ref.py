@@ -397,5 +397,140 @@ def ref_aligndistil(case, beta=0.1, beta2=10.0, temperature=1.0):
     return finish(per_seq, case)
 
 
-REFERENCES = {name[4:]: fn for name, fn in globals().items() if name.startswith("ref_")}
 STATEFUL = ("bco_pair", "bco")
+
+
+# ---- online RL: each returns (per-sequence loss, count) --------------------------------------
+
+def _rl_finish(loss, count, case):
+    return np.where(case["valid"] > 0, loss, 0.0), count
+
+
+def _gae_np(rewards, values, mask, gamma, lam):
+    n, c = rewards.shape
+    adv = np.zeros((n, c))
+    for i in range(n):
+        last = 0.0
+        for t in reversed(range(c)):
+            if not mask[i, t]:
+                continue
+            v_next = values[i, t + 1] if t + 1 < c and mask[i, t + 1] else 0.0
+            last = rewards[i, t] + gamma * v_next - values[i, t] + gamma * lam * last
+            adv[i, t] = last
+    return adv, adv + values * mask
+
+
+def _ppo_np(case, token_rewards, gamma, lam, cliprange, cliprange_value, vf_coef, whiten):
+    tok = case["m"] * (case["valid"] > 0)[:, None]
+    adv, ret = _gae_np(token_rewards, case["oldv"], tok, gamma, lam)
+    if whiten:
+        sel = adv[tok > 0]
+        adv = (adv - sel.mean()) / np.sqrt(sel.var(ddof=1) + 1e-8)
+    ratio = np.exp(case["l"] - case["old"])
+    pg = np.maximum(-ratio * adv, -np.clip(ratio, 1 - cliprange, 1 + cliprange) * adv)
+    v = case["v"]
+    v_clip = case["oldv"] + np.clip(v - case["oldv"], -cliprange_value, cliprange_value)
+    vf = 0.5 * np.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
+    loss = ((pg + vf_coef * vf) * tok).sum(-1)
+    return _rl_finish(loss, tok.sum(), case)
+
+
+def _last_onehot(mask):
+    out = np.zeros_like(mask)
+    for i, row in enumerate(mask):
+        out[i, int(row.sum()) - 1] = 1.0
+    return out
+
+
+def ref_ppo(case, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+            cliprange_value=0.2, vf_coef=0.1, whiten=True):
+    d = case["old"] - case["r"]
+    kl = d if kl_estimator == "k1" else np.exp(-d) - 1 + d
+    rewards = -kl_coef * kl + _last_onehot(case["m"]) * case["rewards"][:, None]
+    return _ppo_np(case, rewards, gamma, lam, cliprange, cliprange_value, vf_coef, whiten)
+
+
+def ref_rto(case, beta1=0.05, clip=0.05, beta2=0.01, beta3=1.0, gamma=1.0, lam=0.95,
+            cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, whiten=True):
+    rewards = (np.clip(beta1 * (case["dpo"] - case["r"]), -clip, clip)
+               - beta2 * (case["old"] - case["r"])
+               + _last_onehot(case["m"]) * beta3 * case["rewards"][:, None])
+    return _ppo_np(case, rewards, gamma, lam, cliprange, cliprange_value, vf_coef, whiten)
+
+
+def _group_adv(rewards, case, group_size, use_std, std_eps, extra=None):
+    adv = np.zeros(len(rewards))
+    for start in range(0, len(rewards), group_size):
+        idx = [i for i in range(start, start + group_size) if case["valid"][i] > 0]
+        vals = list(rewards[idx]) + ([extra] if extra is not None else [])
+        if not idx:
+            continue
+        mean, std = np.mean(vals), np.std(vals, ddof=1)
+        for i in idx:
+            adv[i] = (rewards[i] - mean) / (std + std_eps) if use_std else rewards[i] - mean
+    return adv
+
+
+def _group_loss(case, adv, beta, eps_low, eps_high, reduction):
+    tok = case["m"] * (case["valid"] > 0)[:, None]
+    ratio = np.exp(case["l"] - case["old"])
+    surrogate = np.minimum(ratio * adv[:, None],
+                           np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv[:, None])
+    d = case["l"] - case["r"]
+    per_token = -(surrogate - beta * (np.exp(-d) - 1 + d))
+    total = (per_token * tok).sum(-1)
+    if reduction == "token":
+        return _rl_finish(total, tok.sum(), case)
+    norm = np.maximum(tok.sum(-1), 1) if reduction == "sequence" else tok.shape[1]
+    return _rl_finish(total / norm, (case["valid"] > 0).sum(), case)
+
+
+def ref_grpo(case, group_size, beta=0.04, epsilon=0.2, std_eps=1e-4):
+    adv = _group_adv(case["rewards"], case, group_size, True, std_eps)
+    return _group_loss(case, adv, beta, epsilon, epsilon, "sequence")
+
+
+def ref_dr_grpo(case, group_size, beta=0.04, epsilon=0.2):
+    adv = _group_adv(case["rewards"], case, group_size, False, 0.0)
+    return _group_loss(case, adv, beta, epsilon, epsilon, "max_length")
+
+
+def ref_dapo(case, group_size, epsilon=0.2, epsilon_high=None, std_eps=1e-4):
+    adv = _group_adv(case["rewards"], case, group_size, True, std_eps)
+    high = epsilon if epsilon_high is None else epsilon_high
+    return _group_loss(case, adv, 0.0, epsilon, high, "token")
+
+
+def ref_ngrpo(case, group_size, max_reward=1.0, beta=0.04, eps_high=0.24, eps_low=0.16,
+              std_eps=1e-4):
+    adv = _group_adv(case["rewards"], case, group_size, True, std_eps, extra=max_reward)
+    return _group_loss(case, adv, beta, eps_low, eps_high, "sequence")
+
+
+def ref_pref_grpo(case, group_size, beta=0.04, epsilon=0.2, std_eps=1e-4):
+    wins = np.zeros(len(case["rewards"]))
+    for g in range(case["win"].shape[0]):
+        for i in range(group_size):
+            others = [j for j in range(group_size)
+                      if j != i and case["valid"][g * group_size + j] > 0]
+            if others:
+                wins[g * group_size + i] = np.mean([case["win"][g, i, j] for j in others])
+    adv = _group_adv(wins, case, group_size, True, std_eps)
+    return _group_loss(case, adv, beta, epsilon, epsilon, "sequence")
+
+
+def ref_rloo(case, group_size=2, beta=0.05):
+    tok = case["m"] * (case["valid"] > 0)[:, None]
+    shaped = case["rewards"] - beta * ((case["old"] - case["r"]) * tok).sum(-1)
+    adv = np.zeros(len(shaped))
+    for start in range(0, len(shaped), group_size):
+        idx = [i for i in range(start, start + group_size) if case["valid"][i] > 0]
+        for i in idx:
+            others = [shaped[j] for j in idx if j != i]
+            adv[i] = shaped[i] - (np.mean(others) if others else 0.0)
+    loss = -adv * (case["l"] * tok).sum(-1)
+    return _rl_finish(loss, (case["valid"] > 0).sum(), case)
+
+
+REFERENCES = {name[4:]: fn for name, fn in globals().items() if name.startswith("ref_")}
+RL = ("ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")

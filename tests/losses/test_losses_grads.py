@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prefopt_jax.losses as losses
-from losses_cases import AGGREGATORS, family
+from losses_cases import AGGREGATORS, GROUPED, family
 
 BF16 = jnp.bfloat16
 
@@ -67,17 +67,29 @@ def big_distill(sign, n=2, c=3, v=5):
                                 mask_nc=jnp.ones((n, c), BF16))
 
 
+def big_rollout(sign, n=4, c=4):
+    """Rewards and values ~1e3, the policy ~1200 nats from the reference, off-policy by 5 nats."""
+    pol = jnp.tile(jnp.asarray([[-1e-3], [-300.0]], BF16), (n // 2, c))
+    far = jnp.where(pol > -1, -300.0, -1e-3).astype(BF16)
+    return losses.RolloutInputs(
+        logps_nc=pol, mask_nc=jnp.ones((n, c), BF16),
+        rewards_n=jnp.asarray([1e3, -1e3] * (n // 2), BF16) * sign,
+        old_logps_nc=(pol - 5.0 * sign).astype(BF16), ref_logps_nc=far,
+        values_nc=jnp.full((n, c), 1e3, BF16) * sign, old_values_nc=jnp.full((n, c), -1e3, BF16),
+        extras={"dpo_logps_nc": far, "win_prob_gkk": jnp.full((n // 2, 2, 2), 0.5, BF16)})
+
+
 BIG = {"pairwise": big_pair, "unpaired": big_unpaired, "listwise": big_list,
-       "reward": big_rewards, "distill": big_distill}
+       "reward": big_rewards, "distill": big_distill, "rollout": big_rollout}
 # The differentiable (policy) field of each input family.
 POLICY = {"pairwise": ("logps_w_pc", "logps_l_pc"), "unpaired": ("logps_nc",),
           "listwise": ("logps_pkc",), "reward": ("reward_w_p", "reward_l_p"),
-          "distill": ("logits_ncv",)}
+          "distill": ("logits_ncv",), "rollout": ("logps_nc", "values_nc")}
 
 
-def _grads(fn, inputs, fields):
+def _grads(fn, inputs, fields, **hyper):
     def loss(params):
-        return losses.mean_loss(fn(inputs.replace(**params)))
+        return losses.mean_loss(fn(inputs.replace(**params), **hyper))
 
     params = {f: getattr(inputs, f) for f in fields}
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -94,7 +106,8 @@ def both_signs(fam):
 @pytest.mark.parametrize("name", LOSSES)
 def test_bf16_large_margin_grads_finite(name):
     fam = family(name)
-    value, grads = _grads(losses.get(name), both_signs(fam), POLICY[fam])
+    hyper = {"group_size": 2} if name in GROUPED else {}
+    value, grads = _grads(losses.get(name), both_signs(fam), POLICY[fam], **hyper)
     assert np.isfinite(np.float32(value)), value
     for field, g in grads.items():
         assert g.dtype == BF16

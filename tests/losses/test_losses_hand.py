@@ -235,3 +235,44 @@ def test_vpo_calibration_samples_hand():
                                   "cal_mask_pc": a([[1, 0], [0, 0]])})
     np.testing.assert_allclose(losses.get("vpo")(inputs).loss_p, [sp(-0.15) - 0.2, 0.0],
                                rtol=1e-5)
+
+
+def rollout(rewards, logps, ref=None, values=None, mask=None):
+    a = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
+    logps = a(logps)
+    return losses.RolloutInputs(logps_nc=logps, mask_nc=a(mask) if mask else jnp.ones_like(logps),
+                                rewards_n=a(rewards), ref_logps_nc=a(ref), values_nc=a(values))
+
+
+def test_ppo_hand():
+    """One sequence, 2 tokens, V = (0.5, 0.2), r = 1, on-policy, no reference, gamma 1, lam .95.
+
+    delta = (0 + 0.2 - 0.5, 1 + 0 - 0.2) = (-0.3, 0.8); A = (-0.3 + 0.95 * 0.8, 0.8) = (.46, .8);
+    R = A + V = (.96, 1.0). Unwhitened: tokens -A + 0.1 * 0.5 A^2 (V = V_old so no value clip).
+    Whitened: A -> (-1/sqrt2, 1/sqrt2) (unbiased std of two values), policy terms cancel.
+    """
+    inputs = rollout([1.0], [[-1.0, -2.0]], values=[[0.5, 0.2]])
+    vf = 0.5 * (0.46 ** 2 + 0.8 ** 2)
+    out = losses.get("ppo")(inputs, whiten=False)
+    np.testing.assert_allclose(losses.mean_loss(out), (-0.46 - 0.8 + 0.1 * vf) / 2, rtol=1e-5)
+    out = losses.get("ppo")(inputs)
+    np.testing.assert_allclose(losses.mean_loss(out), 0.1 * vf / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_hand():
+    """Group of 2, rewards (1, 0): mean .5, unbiased std 1/sqrt2, A = +-(.5 sqrt2)/(1 + 1e-4 sqrt2)
+    roughly; on-policy ratio 1; one token with log pi - log pi_ref = 1: k3 = e^-1."""
+    inputs = rollout([1.0, 0.0], [[-1.0], [-1.0]], ref=[[-2.0], [-2.0]])
+    adv = 0.5 / (math.sqrt(0.5) + 1e-4)
+    out = losses.get("grpo")(inputs, group_size=2)
+    np.testing.assert_allclose(out.loss_p, [-adv + 0.04 / math.e, adv + 0.04 / math.e],
+                               rtol=1e-5)
+    out = losses.get("dr_grpo")(inputs, group_size=2)  # A = +-0.5, no std
+    np.testing.assert_allclose(out.loss_p, [-0.5 + 0.04 / math.e, 0.5 + 0.04 / math.e],
+                               rtol=1e-5)
+
+
+def test_rloo_hand():
+    """Group of 2, rewards (1, 0), no reference: A = (1, -1); loss -A L(y) with L = (-2, -3)."""
+    inputs = rollout([1.0, 0.0], [[-1.0, -1.0], [-1.0, -2.0]])
+    np.testing.assert_allclose(losses.get("rloo")(inputs).loss_p, [2.0, -3.0], rtol=1e-6)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import prefopt_jax.losses as losses
-from losses_cases import AGGREGATORS, CASES, ensemble_case, family
-from losses_np_ref import REFERENCES, STATEFUL
+from losses_cases import AGGREGATORS, CASES, default_hyper, ensemble_case, family
+from losses_np_ref import REFERENCES, RL, STATEFUL
 
 # Non-default hyperparameters exercised in addition to the defaults.
 VARIANTS = {
@@ -34,6 +34,9 @@ VARIANTS = {
     "uwo": [{"lam": 0.1}],
     "par": [{"k": 2.0}],
     "aligndistil": [{"temperature": 2.0, "beta2": 1.0}],
+    "ppo": [{"kl_estimator": "k3", "whiten": False, "lam": 0.8}],
+    "dapo": [{"epsilon_high": 0.28}],
+    "rloo": [{"beta": 0.5}],
 }
 
 CALLS = [(name, {}) for name in losses.names()]
@@ -43,7 +46,7 @@ CALLS += [(name, hyper) for name, hypers in VARIANTS.items() for hyper in hypers
 # The differentiable (policy) field of each input family, and its validity field.
 POLICY = {"pairwise": ("logps_w_pc", "valid_p"), "unpaired": ("logps_nc", "valid_n"),
           "listwise": ("logps_pkc", "valid_p"), "reward": ("reward_w_p", "valid_p"),
-          "distill": ("logits_ncv", "valid_n")}
+          "distill": ("logits_ncv", "valid_n"), "rollout": ("logps_nc", "valid_n")}
 
 
 def _loss_and_grads(fn, inputs, hyper, fam):
@@ -83,6 +86,7 @@ def test_matches_numpy_reference(call):
     make_case, make_inputs = CASES[family(name)]
     extra = {"n_other": len(hyper["weights"]) - 1} if "weights" in hyper else {}
     case = make_case(seed=7, **extra)
+    hyper = {**default_hyper(name, case), **hyper}
     inputs = make_inputs(case)
     out, grads = _loss_and_grads(fn, inputs, hyper, family(name))
     want = ref(case, **hyper)
@@ -90,10 +94,13 @@ def test_matches_numpy_reference(call):
         want, want_state = want
         np.testing.assert_allclose(out.state["mean"], want_state["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out.state["count"], want_state["count"])
+    want_count = case["valid"].sum()
+    if name in RL:  # token-averaged RL losses count tokens, not sequences
+        want, want_count = want
     np.testing.assert_allclose(out.loss_p, want, rtol=2e-5, atol=2e-5)
     total, count = out.metrics["loss"]
     np.testing.assert_allclose(total, want.sum(), rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(count, case["valid"].sum())
+    np.testing.assert_allclose(count, want_count)
 
 
 @pytest.mark.parametrize("name", ["bco", "bco_pair"])

@@ -4,7 +4,7 @@ import pytest
 
 import prefopt_jax.losses as losses
 
-# ALGORITHMS.md section 1 (+ the MPO mixture), 2, 3 (token-level subset) and 4.
+# ALGORITHMS.md section 1 (+ the MPO mixture), 2, 3 (token-level subset), 4 and 5 (RL losses).
 SPEC_NAMES = [
     "dpo", "robust", "ipo", "hinge", "slic", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo",
@@ -12,6 +12,7 @@ SPEC_NAMES = [
     "kto", "bco", "plackett_luce", "lipo_lambda",
     "tgdpo", "aligndistil", "cpl", "cpl_kl",
     "bradley_terry", "ensemble_mean", "wco", "uwo", "par",
+    "ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo",
 ]
 
 

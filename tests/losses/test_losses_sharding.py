@@ -12,12 +12,14 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import prefopt_jax.losses as losses
-from losses_cases import CASES, family
+from losses_cases import CASES, default_hyper, family
 
 COUPLED = ["aot", "aot_unpaired", "kto", "bco", "bco_pair", "mpo", "plackett_luce",
-           "lipo_lambda"]
-POLICY = {"pairwise": "logps_w_pc", "unpaired": "logps_nc", "listwise": "logps_pkc"}
-SIZES = {"pairwise": {"p": 16}, "unpaired": {"n": 16}, "listwise": {"p": 16}}
+           "lipo_lambda", "ppo", "grpo", "dapo", "rloo"]
+POLICY = {"pairwise": "logps_w_pc", "unpaired": "logps_nc", "listwise": "logps_pkc",
+          "rollout": "logps_nc"}
+SIZES = {"pairwise": {"p": 16}, "unpaired": {"n": 16}, "listwise": {"p": 16},
+         "rollout": {"g": 8, "k": 2}}
 
 
 def meshes():
@@ -27,12 +29,12 @@ def meshes():
                                       axis_types=(AxisType.Auto,) * 3), P(("data", "fsdp"))
 
 
-def _step(name, field):
+def _step(name, field, hyper):
     fn = losses.get(name)
 
     def step(inputs):
         def loss(x):
-            out = fn(inputs.replace(**{field: x}))
+            out = fn(inputs.replace(**{field: x}), **hyper)
             return losses.mean_loss(out), out
 
         (_, out), grad = jax.value_and_grad(loss, has_aux=True)(getattr(inputs, field))
@@ -45,8 +47,9 @@ def _step(name, field):
 def test_sharded_equals_unsharded(name):
     fam = family(name)
     make_case, make_inputs = CASES[fam]
-    inputs = make_inputs(make_case(seed=5, **SIZES[fam]))
-    step = _step(name, POLICY[fam])
+    case = make_case(seed=5, **SIZES[fam])
+    inputs = make_inputs(case)
+    step = _step(name, POLICY[fam], default_hyper(name, case))
     want_out, want_grad = jax.jit(step)(inputs)
     for mesh_name, mesh, spec in meshes():
         shardings = jax.tree.map(lambda _: NamedSharding(mesh, spec), inputs)

@@ -1,0 +1,313 @@
+"""Online RL objectives on sampled completions (ALGORITHMS.md section 5): ppo, rto, the GRPO
+family (grpo, dr_grpo, dapo, ngrpo, pref_grpo) and rloo.
+
+Completions come in groups of `group_size` consecutive rows (the samples of one prompt).
+Token-averaged losses report `metrics["loss"] = (sum of token losses, number of tokens)` and
+put each sequence's token SUM in `loss_p`, so `mean_loss` is the global token mean; sequence-
+averaged ones count sequences. Batch statistics (advantage whitening, group means) use plain
+sums over the full arrays, so they are global under sharding.
+
+Shape letters: `n` completions, `c` completion positions, `g` groups, `k` members of a group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from prefopt_jax.losses.base import (Array, LossOutput, RolloutInputs, f32, metric,
+                                     ones_like_lead, require, seq_len, seq_reduce)
+from prefopt_jax.losses.registry import register
+
+# Log-ratios are clamped before exp so a stale or far-off sample cannot overflow to inf.
+_LOG_RATIO_CLAMP = 20.0
+
+
+def _old_logps(inputs: RolloutInputs) -> Array:
+    """Behaviour log-probs, frozen; on-policy (None) means the current ones without gradient."""
+    old = inputs.logps_nc if inputs.old_logps_nc is None else inputs.old_logps_nc
+    return jax.lax.stop_gradient(f32(old))
+
+
+def _valid(inputs: RolloutInputs) -> Array:
+    return ones_like_lead(inputs.logps_nc, inputs.valid_n)
+
+
+def _token_mask(inputs: RolloutInputs) -> Array:
+    """Completion tokens of real examples only."""
+    return f32(inputs.mask_nc) * (_valid(inputs) > 0)[:, None]
+
+
+def kl_estimate(logps_nc: Array, ref_logps_nc: Array, kind: str = "k1") -> Array:
+    """Per-token KL estimate with d = log pi - log pi_ref: k1 `d`, k3 `exp(-d) - 1 + d`."""
+    d_nc = f32(logps_nc) - f32(ref_logps_nc)
+    if kind == "k1":
+        return d_nc
+    if kind == "k3":
+        neg_d = jnp.clip(-d_nc, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return jnp.exp(neg_d) - 1.0 - neg_d
+    raise ValueError(f"unknown KL estimator {kind!r}; known: 'k1', 'k3'")
+
+
+def last_token(mask_nc: Array) -> Array:
+    """One-hot of each row's last real completion token."""
+    mask_nc = f32(mask_nc)
+    return mask_nc * (jnp.cumsum(mask_nc, axis=-1) == jnp.sum(mask_nc, -1, keepdims=True))
+
+
+def gae(rewards_nc: Array, values_nc: Array, mask_nc: Array, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Array, Array]:
+    """GAE: `A_t = delta_t + gamma lam A_{t+1}`, `delta_t = r_t + gamma V_{t+1} - V_t`.
+
+    V after the last real token is 0 (terminal). Returns (advantages, returns = A + V).
+    """
+    mask_nc = f32(mask_nc)
+    values_nc = f32(values_nc) * mask_nc
+    next_nc = jnp.concatenate([values_nc[:, 1:], jnp.zeros_like(values_nc[:, :1])], axis=1)
+    delta_nc = (f32(rewards_nc) + gamma * next_nc - values_nc) * mask_nc
+
+    def step(carry_n, x):
+        delta_n, mask_n = x
+        adv_n = (delta_n + gamma * lam * carry_n) * mask_n
+        return adv_n, adv_n
+
+    # zeros_like keeps the row sharding, so the carry type matches under Explicit meshes.
+    _, adv_cn = jax.lax.scan(step, jnp.zeros_like(delta_nc[:, 0]), (delta_nc.T, mask_nc.T),
+                             reverse=True)
+    adv_nc = adv_cn.T
+    return adv_nc, adv_nc + values_nc
+
+
+def masked_whiten(x_nc: Array, mask_nc: Array) -> Array:
+    """`(x - mean) / sqrt(var + 1e-8)` over the masked entries of the whole batch (unbiased var)."""
+    total, count = metric(x_nc, mask_nc)
+    mean = total / jnp.maximum(count, 1.0)
+    sq, _ = metric(jnp.square(x_nc - mean), mask_nc)
+    var = sq / jnp.maximum(count - 1.0, 1.0)
+    return (x_nc - mean) * jax.lax.rsqrt(var + 1e-8)
+
+
+def clipped_surrogate(logps_nc: Array, old_nc: Array, adv_nc: Array, eps_low: float,
+                      eps_high: float) -> tuple[Array, Array]:
+    """PPO surrogate per token: `-min(rho A, clip(rho, 1 - eps-, 1 + eps+) A)`, and clip mask."""
+    log_ratio = jnp.clip(f32(logps_nc) - old_nc, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio_nc = jnp.exp(log_ratio)
+    clipped_nc = jnp.clip(ratio_nc, 1.0 - eps_low, 1.0 + eps_high)
+    loss_nc = -jnp.minimum(ratio_nc * adv_nc, clipped_nc * adv_nc)
+    return loss_nc, (ratio_nc != clipped_nc).astype(jnp.float32)
+
+
+def rl_output(loss_n: Array, count: Array, inputs: RolloutInputs, extra: dict,
+              state: Any = None) -> LossOutput:
+    """LossOutput with the loss as (sum, count) over tokens or sequences, filler at 0."""
+    valid_n = _valid(inputs)
+    loss_n = jnp.where(valid_n > 0, f32(loss_n), 0.0)
+    if inputs.weight_n is not None:
+        loss_n = loss_n * f32(inputs.weight_n)
+    metrics = {"loss": (jnp.sum(loss_n), count),
+               "rewards/mean": metric(inputs.rewards_n, valid_n), **extra}
+    return LossOutput(loss_p=loss_n, metrics=metrics, state=state)
+
+
+def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, lam: float,
+              cliprange: float, cliprange_value: float, vf_coef: float, whiten: bool,
+              loss: str) -> LossOutput:
+    """Clipped policy loss + clipped value loss on GAE advantages of the given token rewards."""
+    tok_nc = _token_mask(inputs)
+    values_nc = f32(require({"values_nc": inputs.values_nc}, "values_nc", loss))
+    old_values_nc = jax.lax.stop_gradient(
+        values_nc if inputs.old_values_nc is None else f32(inputs.old_values_nc))
+    adv_nc, ret_nc = gae(jax.lax.stop_gradient(token_rewards_nc), old_values_nc, tok_nc,
+                         gamma, lam)
+    adv_nc = masked_whiten(adv_nc, tok_nc) if whiten else adv_nc
+    pg_nc, clip_nc = clipped_surrogate(inputs.logps_nc, _old_logps(inputs),
+                                       jax.lax.stop_gradient(adv_nc), cliprange, cliprange)
+    v_clip_nc = old_values_nc + jnp.clip(values_nc - old_values_nc, -cliprange_value,
+                                         cliprange_value)
+    vf_nc = 0.5 * jnp.maximum(jnp.square(values_nc - ret_nc), jnp.square(v_clip_nc - ret_nc))
+    loss_n = jnp.sum(jnp.where(tok_nc > 0, pg_nc + vf_coef * vf_nc, 0.0), axis=-1)
+    extra = {"ppo/policy_loss": metric(jax.lax.stop_gradient(pg_nc), tok_nc),
+             "ppo/value_loss": metric(jax.lax.stop_gradient(vf_nc), tok_nc),
+             "ppo/clip_frac": metric(clip_nc, tok_nc)}
+    return rl_output(loss_n, jnp.sum(tok_nc), inputs, extra)
+
+
+@register("ppo")
+def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
+        kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, cliprange: float = 0.2,
+        cliprange_value: float = 0.2, vf_coef: float = 0.1, whiten: bool = True) -> LossOutput:
+    """PPO (RLHF): token reward `-b_kl KLhat_t + 1[t=T] r`, GAE, whitened A, clipped losses.
+
+    KLhat uses the behaviour policy vs the reference (k1 or k3; none without a reference).
+    Per token: `-min(rho A, clip(rho, 1 +- 0.2) A) + vf 0.5 max((V-R)^2, (clip(V) - R)^2)`,
+    averaged over all tokens of the batch. Needs values_nc (and old_values_nc off-policy).
+    """
+    old_nc = _old_logps(inputs)
+    kl_nc = (jnp.zeros_like(old_nc) if inputs.ref_logps_nc is None
+             else kl_estimate(old_nc, inputs.ref_logps_nc, kl_estimator))
+    token_rewards_nc = (-kl_coef * kl_nc
+                        + last_token(inputs.mask_nc) * f32(inputs.rewards_n)[:, None])
+    return _ppo_loss(inputs, token_rewards_nc, gamma=gamma, lam=lam, cliprange=cliprange,
+                     cliprange_value=cliprange_value, vf_coef=vf_coef, whiten=whiten,
+                     loss="ppo")
+
+
+@register("rto")
+def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: float = 0.05,
+        beta2: float = 0.01, beta3: float = 1.0, gamma: float = 1.0, lam: float = 0.95,
+        cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1,
+        whiten: bool = True) -> LossOutput:
+    """RTO: PPO on `r_t = clip(b1 log pi_dpo/pi_ref, +-c) - b2 log pi_old/pi_ref + 1[t=T] b3 r`.
+
+    DPO-policy log-probs of the sampled tokens in `extras["dpo_logps_nc"]`; needs the reference.
+    """
+    ref_nc = f32(require({"ref_logps_nc": inputs.ref_logps_nc}, "ref_logps_nc", "rto"))
+    dpo_nc = f32(require(inputs.extras, "dpo_logps_nc", "rto"))
+    token_rewards_nc = (jnp.clip(beta1 * (dpo_nc - ref_nc), -clip, clip)
+                        - beta2 * (_old_logps(inputs) - ref_nc)
+                        + last_token(inputs.mask_nc) * beta3 * f32(inputs.rewards_n)[:, None])
+    return _ppo_loss(inputs, token_rewards_nc, gamma=gamma, lam=lam, cliprange=cliprange,
+                     cliprange_value=cliprange_value, vf_coef=vf_coef, whiten=whiten,
+                     loss="rto")
+
+
+def group_stats(rewards_n: Array, valid_n: Array, group_size: int,
+                extra_reward: float | None = None) -> tuple[Array, Array]:
+    """Per-row group mean and unbiased std of the rewards over the real members of its group.
+
+    `extra_reward` adds one virtual member with that reward to every group (NGRPO).
+    """
+    n = rewards_n.shape[0]
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the {n} rows, got {group_size}")
+    r_gk = f32(rewards_n).reshape(n // group_size, group_size)
+    v_gk = (f32(valid_n) > 0).reshape(r_gk.shape).astype(jnp.float32)
+    total_g, count_g = jnp.sum(r_gk * v_gk, -1), jnp.sum(v_gk, -1)
+    if extra_reward is not None:
+        total_g, count_g = total_g + extra_reward, count_g + 1.0
+    mean_g = total_g / jnp.maximum(count_g, 1.0)
+    sq_g = jnp.sum(jnp.square(r_gk - mean_g[:, None]) * v_gk, -1)
+    if extra_reward is not None:
+        sq_g = sq_g + jnp.square(extra_reward - mean_g)
+    std_g = jnp.sqrt(sq_g / jnp.maximum(count_g - 1.0, 1.0))
+    return _per_row(mean_g, group_size), _per_row(std_g, group_size)
+
+
+def _per_row(x_g: Array, group_size: int) -> Array:
+    """A per-group value repeated for each row (broadcast + reshape: keeps the row sharding)."""
+    return jnp.broadcast_to(x_g[:, None], (x_g.shape[0], group_size)).reshape(-1)
+
+
+def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_low: float,
+                       eps_high: float, reduction: str) -> LossOutput:
+    """`-[min(rho A, clip(rho) A) - b KL_k3(pi || pi_ref)]` per token, reduced per `reduction`.
+
+    "sequence": (1/|o_i|) sum_t, mean over sequences (GRPO); "max_length": sum_t / C, mean over
+    sequences (Dr. GRPO); "token": sum over all tokens / number of tokens (DAPO).
+    """
+    tok_nc = _token_mask(inputs)
+    adv_n = jax.lax.stop_gradient(adv_n)
+    pg_nc, clip_nc = clipped_surrogate(inputs.logps_nc, _old_logps(inputs), adv_n[:, None],
+                                       eps_low, eps_high)
+    kl_nc = jnp.zeros_like(pg_nc)
+    if inputs.ref_logps_nc is not None and beta != 0.0:
+        kl_nc = kl_estimate(inputs.logps_nc, jax.lax.stop_gradient(f32(inputs.ref_logps_nc)), "k3")
+    token_loss_nc = pg_nc + beta * kl_nc
+    valid_n = _valid(inputs)
+    if reduction == "token":
+        loss_n, count = seq_reduce(token_loss_nc, tok_nc), jnp.sum(tok_nc)
+    else:
+        norm_n = seq_len(tok_nc) if reduction == "sequence" else jnp.float32(tok_nc.shape[1])
+        loss_n, count = seq_reduce(token_loss_nc, tok_nc) / norm_n, jnp.sum(valid_n)
+    extra = {"advantages/mean": metric(adv_n, valid_n),
+             "kl": metric(jax.lax.stop_gradient(kl_nc), tok_nc),
+             "clip_frac": metric(clip_nc, tok_nc)}
+    return rl_output(loss_n, count, inputs, extra)
+
+
+@register("grpo")
+def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
+         epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
+    """GRPO: `A = (r - mean_G r)/(std_G r + eps)`; `-(1/|o|) sum_t [min(rho A, clip A) - b KL]`.
+
+    KL is k3 of the current policy against the reference; std is the unbiased group std.
+    """
+    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size)
+    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
+                              reduction="sequence")
+
+
+@register("dr_grpo")
+def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
+            epsilon: float = 0.2) -> LossOutput:
+    """Dr. GRPO: `A_i = r_i - mean_G r` (no std); token sums over the fixed length C (no |o_i|)."""
+    mean_n, _ = group_stats(inputs.rewards_n, _valid(inputs), group_size)
+    adv_n = f32(inputs.rewards_n) - mean_n
+    return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
+                              reduction="max_length")
+
+
+@register("dapo")
+def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: float = 0.2,
+         epsilon_high: float | None = None, std_eps: float = 1e-4) -> LossOutput:
+    """DAPO: GRPO advantages, token-sum / token-count over the batch, no KL (b = 0).
+
+    `epsilon_high` (clip-higher) defaults to epsilon; DAPO's paper uses 0.28.
+    """
+    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size)
+    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    high = epsilon if epsilon_high is None else epsilon_high
+    return _group_policy_loss(inputs, adv_n, beta=0.0, eps_low=epsilon, eps_high=high,
+                              reduction="token")
+
+
+@register("ngrpo")
+def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_reward: float = 1.0,
+          beta: float = 0.04, eps_high: float = 0.24, eps_low: float = 0.16,
+          std_eps: float = 1e-4) -> LossOutput:
+    """NGRPO: GRPO whose group mean/std include a virtual sample with the max reward; clip
+    `[1 - 0.16, 1 + 0.24]`. [summary] spec: the virtual sample only enters the statistics."""
+    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size, max_reward)
+    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=eps_low, eps_high=eps_high,
+                              reduction="sequence")
+
+
+@register("pref_grpo")
+def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
+              epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
+    """Pref-GRPO: reward_i = mean_{j != i} P(y_i beats y_j) within the group, then GRPO.
+
+    `extras["win_prob_gkk"]` [G, K, K]: preference-model win probabilities; `rewards_n` is
+    replaced by the win rates (reported as rewards/mean).
+    """
+    p_gkk = f32(require(inputs.extras, "win_prob_gkk", "pref_grpo"))
+    g, k = p_gkk.shape[:2]
+    v_gk = (_valid(inputs) > 0).reshape(g, k).astype(jnp.float32)
+    others_gkk = v_gk[:, None, :] * (1.0 - jnp.eye(k))[None]
+    wins_gk = jnp.sum(p_gkk * others_gkk, -1) / jnp.maximum(jnp.sum(others_gkk, -1), 1.0)
+    inputs = inputs.replace(rewards_n=jax.lax.stop_gradient(wins_gk.reshape(-1)))
+    return grpo(inputs, group_size=group_size, beta=beta, epsilon=epsilon, std_eps=std_eps)
+
+
+@register("rloo")
+def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int = 2,
+         beta: float = 0.05) -> LossOutput:
+    """RLOO: `r' = r - b sum_t (log pi_old - log pi_ref)`, `A_i = r'_i - mean_{j != i} r'_j`;
+    REINFORCE loss `-A_i L(y_i)` (sequence log-prob sum), mean over sequences."""
+    tok_nc = _token_mask(inputs)
+    kl_n = (jnp.zeros(tok_nc.shape[:1], jnp.float32) if inputs.ref_logps_nc is None
+            else seq_reduce(_old_logps(inputs) - f32(inputs.ref_logps_nc), tok_nc))
+    shaped_n = f32(inputs.rewards_n) - beta * kl_n
+    valid_n = _valid(inputs)
+    mean_n, _ = group_stats(shaped_n, valid_n, group_size)
+    count_n = _per_row(jnp.sum((valid_n > 0).reshape(-1, group_size), -1), group_size)
+    # Leave-one-out mean from the group mean: (n mean - r_i) / (n - 1).
+    adv_n = shaped_n - (count_n * mean_n - shaped_n) / jnp.maximum(count_n - 1.0, 1.0)
+    adv_n = jax.lax.stop_gradient(adv_n)
+    loss_n = -adv_n * seq_reduce(inputs.logps_nc, tok_nc)
+    extra = {"advantages/mean": metric(adv_n, valid_n), "kl": metric(kl_n, valid_n)}
+    return rl_output(loss_n, jnp.sum(valid_n > 0).astype(jnp.float32), inputs, extra)
