@@ -230,22 +230,20 @@ class Attention(nnx.Module):
 
         Returns ``(out_btd, new_kv)``; ``new_kv`` is None without a cache.
         """
-        q_names, kv_names = ("batch", "length", "heads", "head_dim"), ("batch", "length",
-                                                                       "kv_heads", "head_dim")
-        q_bthe = self._project(x_btd, self.w_q, self.b_q, q_names)
-        k_btke = self._project(x_btd, self.w_k, self.b_k, kv_names)
+        q_names = ("batch", "length", "heads", "head_dim")
+        kv_names = ("batch", "length", "kv_heads", "head_dim")
+        q_bthe = apply_rope(self._project(x_btd, self.w_q, self.b_q, q_names), cos_bte, sin_bte)
+        k_btke = apply_rope(self._project(x_btd, self.w_k, self.b_k, kv_names), cos_bte, sin_bte)
         v_btke = self._project(x_btd, self.w_v, self.b_v, kv_names)
-        q_bthe = apply_rope(q_bthe, cos_bte, sin_bte)
-        k_btke = apply_rope(k_btke, cos_bte, sin_bte)
         new_kv = None
+        k_bske, v_bske = k_btke, v_btke  # without a cache the keys are this call's rows (S = T)
         if kv is not None:
             start = (0, index, 0, 0)
-            k_bske = jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), start)
-            v_bske = jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), start)
-            new_kv = (k_bske, v_bske)
-            k_btke, v_btke = k_bske.astype(self.dtype), v_bske.astype(self.dtype)
+            new_kv = (jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), start),
+                      jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), start))
+            k_bske, v_bske = (x.astype(self.dtype) for x in new_kv)
         # GQA: dot_product_attention groups H query heads over K kv heads natively.
-        out_bthe = jax.nn.dot_product_attention(q_bthe, k_btke, v_btke, mask=mask_b1ts)
+        out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_b1ts)
         out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.w_o[...].astype(self.dtype))
         if self.b_o is not None:
             out_btd = out_btd + self.b_o[...].astype(self.dtype)
