@@ -100,3 +100,15 @@ def test_overrides_and_dtype(tmp_path, tiny_model):
     with pytest.raises(TypeError, match="not_a_field"):
         from_pretrained(tmp_path, not_a_field=1)
     assert ModelConfig().head_dim == 16
+
+
+def test_save_and_load_with_tokenizer(tmp_path, tiny_model):
+    """A directory with tokenizer files gives the tokenizer back, chat template included."""
+    from prefopt_jax.data.synthetic import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    save_pretrained(tiny_model(vocab_size=len(tokenizer)), tmp_path, tokenizer=tokenizer)
+    model, loaded = from_pretrained(tmp_path)
+    assert model.config.vocab_size == len(tokenizer)
+    assert loaded.chat_template == tokenizer.chat_template
+    assert loaded.encode("a few words") == tokenizer.encode("a few words")
