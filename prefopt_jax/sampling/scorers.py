@@ -133,10 +133,14 @@ class EnsembleScorer:
 
 
 class TextScorer:
-    """A Python reward on decoded completion text, `fn(text) -> float` (e.g. VADER sentiment)."""
+    """A Python reward on decoded completion text (e.g. VADER sentiment).
 
-    def __init__(self, fn: Callable[[str], float], tokenizer, skip_special_tokens: bool = True):
-        self.fn, self.tokenizer, self.skip = fn, tokenizer, skip_special_tokens
+    `fn(text) -> float`, or with `batched` `fn(texts) -> scores` over a list of texts.
+    """
+
+    def __init__(self, fn: Callable, tokenizer, skip_special_tokens: bool = True,
+                 batched: bool = False):
+        self.fn, self.tokenizer, self.skip, self.batched = fn, tokenizer, skip_special_tokens, batched
 
     def texts(self, candidates: Candidates) -> list[list[str]]:
         """Decoded completions, `[B][N]`."""
@@ -145,5 +149,15 @@ class TextScorer:
                  for t, m in zip(row_t, row_m)] for row_t, row_m in zip(tokens_bnc, mask_bnc)]
 
     def __call__(self, candidates: Candidates) -> np.ndarray:
-        return np.asarray([[float(self.fn(text)) for text in row] for row in self.texts(candidates)],
-                          np.float32)
+        texts = self.texts(candidates)
+        if self.batched:
+            flat = np.asarray(self.fn([t for row in texts for t in row]), np.float32)
+            return flat.reshape(len(texts), -1)
+        return np.asarray([[float(self.fn(t)) for t in row] for row in texts], np.float32)
+
+
+def sentiment_scorer(tokenizer) -> TextScorer:
+    """VADER compound sentiment of the decoded reply (`prefopt_jax.evals.sentiment`)."""
+    from prefopt_jax.evals import sentiment
+
+    return TextScorer(sentiment.compound, tokenizer, batched=True)

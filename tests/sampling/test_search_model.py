@@ -152,6 +152,8 @@ def test_text_scorer_decodes_the_masked_completion():
     scorer = scorers.TextScorer(lambda text: float(len(text)), Tok())
     assert scorer.texts(cands) == [["4 5", "6"]]
     np.testing.assert_array_equal(scorer(cands), [[3.0, 1.0]])
+    batched = scorers.TextScorer(lambda texts: [len(t) for t in texts], Tok(), batched=True)
+    np.testing.assert_array_equal(batched(cands), [[3.0, 1.0]])
 
 
 def test_guided_decoding_reduces_to_the_base_model(model, ref):
