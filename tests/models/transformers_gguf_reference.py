@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -23,23 +23,7 @@ CONVERSATION = [
 
 
 def load_model(path: Path):
-    """transformers' GGUF load; without accelerate (which from_pretrained demands for
-    gguf_file=) the same transformers GGUF reader is called directly."""
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True,
-                                       model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise SystemExit(f"transformers GGUF load: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        return model.eval()
+    """transformers' own GGUF load (dequantised to float32, q/k rows un-permuted by it)."""
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                 dtype=torch.float32).eval()
 
