@@ -42,7 +42,8 @@ def _add_search_arguments(p) -> None:
     g.add_argument("--accept", type=int, default=1, help="RSO: samples kept per prompt")
     g.add_argument("--rso-beta", type=float, default=0.5, help="RSO: acceptance temperature")
     g.add_argument("--scorer", default="sentiment", choices=["sentiment", "implicit"],
-                   help="sentiment: VADER on the reply; implicit: beta log pi/pi_ref vs --ref-model")
+                   help="sentiment: VADER on the reply; "
+                        "implicit: beta log pi/pi_ref against --ref-model")
     g.add_argument("--ref-model", default=None,
                    help="reference model (implicit scorer; beam implicit rewards)")
     g.add_argument("--beta", type=float, default=0.1, help="implicit-reward beta")

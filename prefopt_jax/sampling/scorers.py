@@ -74,7 +74,7 @@ def _hidden_and_logps(graphdef, params, tokens_qs, positions_qs, segment_ids_qs,
 
 
 def completion_forward(model, candidates: Candidates, pad_id: int = 0):
-    """One batched forward over all candidates: `(hidden_bncd, logps_bnc)` (logps 0 past the mask)."""
+    """One forward over all candidates: `(hidden_bncd, logps_bnc)`, logps 0 past the mask."""
     b, n, c = np.shape(candidates.tokens_bnc)
     graphdef, params = nnx.split(model)
     hidden_qcd, logps_qc = _hidden_and_logps(graphdef, params, *forward_inputs(candidates, pad_id),
@@ -98,11 +98,12 @@ class RewardModelScorer:
         hidden_bncd, _ = completion_forward(self.model, candidates)
         b, n, c, d = hidden_bncd.shape
         mask_qc = jnp.asarray(candidates.mask_bnc).reshape(b * n, c)
-        return np.asarray(self.head(hidden_bncd.reshape(b * n, c, d), mask_bt=mask_qc)).reshape(b, n)
+        scores_q = self.head(hidden_bncd.reshape(b * n, c, d), mask_bt=mask_qc)
+        return np.asarray(scores_q).reshape(b, n)
 
 
 class ImplicitRewardScorer:
-    """The implicit reward of a DPO policy: `beta * sum_c (log pi - log pi_ref)` over the completion."""
+    """The implicit reward of a DPO policy: `beta * sum_c (log pi - log pi_ref)` over the reply."""
 
     def __init__(self, policy, ref, beta: float = 0.1):
         self.policy, self.ref, self.beta = policy, ref, beta
@@ -140,7 +141,8 @@ class TextScorer:
 
     def __init__(self, fn: Callable, tokenizer, skip_special_tokens: bool = True,
                  batched: bool = False):
-        self.fn, self.tokenizer, self.skip, self.batched = fn, tokenizer, skip_special_tokens, batched
+        self.fn, self.tokenizer = fn, tokenizer
+        self.skip, self.batched = skip_special_tokens, batched
 
     def texts(self, candidates: Candidates) -> list[list[str]]:
         """Decoded completions, `[B][N]`."""

@@ -122,8 +122,9 @@ def _expand(run, logits_qv, i, w, k):
     score_bk, flat_bk = jax.lax.top_k(cand_bx, k)
     beam_bk, token_bk = flat_bk // v, (flat_bk % v).astype(jnp.int32)
     tok_logp_bk = jnp.take_along_axis(logp_bwv.reshape(b, w * v), flat_bk, axis=-1)
-    tokens_bkc = jnp.take_along_axis(tokens_bwc, beam_bk[..., None], axis=1).at[:, :, i].set(token_bk)
-    logps_bkc = jnp.take_along_axis(logps_bwc, beam_bk[..., None], axis=1).at[:, :, i].set(tok_logp_bk)
+    history = functools.partial(jnp.take_along_axis, indices=beam_bk[..., None], axis=1)
+    tokens_bkc = history(tokens_bwc).at[:, :, i].set(token_bk)
+    logps_bkc = history(logps_bwc).at[:, :, i].set(tok_logp_bk)
     return score_bk, beam_bk, token_bk, tokens_bkc, logps_bkc
 
 
@@ -165,7 +166,8 @@ def beam_loop(step_fn, reorder_fn, logits_qv, state, config: BeamConfig, pad_id:
     run = (jnp.full((b, w), NEG_INF).at[:, 0].set(0.0),  # one live beam: no duplicates
            jnp.full((b, w, c), pad_id, jnp.int32), jnp.zeros((b, w, c), jnp.float32))
     fin = (jnp.full((b, w), NEG_INF), jnp.full((b, w), NEG_INF),
-           jnp.full((b, w, c), pad_id, jnp.int32), jnp.zeros((b, w, c)), jnp.zeros((b, w), jnp.int32))
+           jnp.full((b, w, c), pad_id, jnp.int32), jnp.zeros((b, w, c)),
+           jnp.zeros((b, w), jnp.int32))
 
     def body(carry):
         i, state, logits_qv, run, fin, _ = carry

@@ -8,7 +8,8 @@ token `c`, read from the frozen policy's hidden state at that token; it estimate
 reward `r(x, y)`. With gamma = 1 and only a terminal reward (ALGORITHMS.md section 5), the
 lambda-return is `R_T = r` at the last token and `R_c = (1 - lam) V_{c+1} + lam R_{c+1}` before
 it; the loss is `0.5 (V_c - R_c)^2` averaged over real tokens, targets without gradient
-(semi-gradient TD(lambda)). Decoding reads `V(s || a)` the same way (`search.value_guided_generate`).
+(semi-gradient TD(lambda)). Decoding reads `V(s || a)` the same way
+(`search.value_guided_generate`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def value_loss(values_qc, rewards_q, mask_qc, lam: float = 0.95):
     """`0.5 (V - R^lambda)^2` averaged over real tokens, no gradient through the targets."""
     targets_qc = jax.lax.stop_gradient(td_lambda_targets(values_qc, rewards_q, mask_qc, lam))
     mask_qc = jnp.asarray(mask_qc, jnp.float32)
-    return 0.5 * jnp.sum(mask_qc * jnp.square(values_qc - targets_qc)) / jnp.maximum(mask_qc.sum(), 1)
+    squares = jnp.sum(mask_qc * jnp.square(values_qc - targets_qc))
+    return 0.5 * squares / jnp.maximum(mask_qc.sum(), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "steps", "lam"))
@@ -69,7 +71,7 @@ def _fit(graphdef, params, hidden_qcd, rewards_q, mask_qc, *, optimizer, steps, 
 
 def fit_value_head(head, hidden_qcd, rewards_q, mask_qc, *, steps: int = 300,
                    learning_rate: float = 1e-2, lam: float = 0.95) -> np.ndarray:
-    """Trains `head` in place (full-batch Adam) on frozen hidden states; returns the loss per step."""
+    """Trains `head` in place (full-batch Adam) on frozen hidden states; returns loss per step."""
     graphdef, params = nnx.split(head)
     params, loss_i = _fit(graphdef, params, jnp.asarray(hidden_qcd),
                           jnp.asarray(rewards_q, jnp.float32), jnp.asarray(mask_qc, jnp.float32),
