@@ -16,7 +16,7 @@ import gin
 
 from prefopt_jax.data import LayoutConfig
 from prefopt_jax.models.lora import LoraConfig
-from prefopt_jax.train import build, loop, optim
+from prefopt_jax.train import build, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
 CONFIGURABLES = {
@@ -36,18 +36,22 @@ for _name, _cls in CONFIGURABLES.items():
 
 @gin.configurable
 def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
-          optim=optim.OptimConfig(), loop=loop.LoopConfig(), tiny: bool = False):
-    """The gin entry point: `tiny=True` swaps in the random tiny model and synthetic data."""
+          optim=optim.OptimConfig(), loop=loop.LoopConfig(), tiny: bool = False, trainer=None):
+    """The gin entry point: `tiny=True` swaps in the random tiny model and synthetic data.
+
+    `trainer` replaces the policy loop (same arguments), e.g. `@train_reward_model`.
+    """
     if tiny:
         lora = model.lora and dataclasses.replace(model.lora, rank=2)
         model = dataclasses.replace(model, source="tiny", lora=lora)
         data = dataclasses.replace(data, source="tiny", batch_size=min(data.batch_size, 4))
     write_operative(loop.output_dir)
-    return loop_train(model, data, algo, optim, loop)
+    return (trainer or loop_train)(model, data, algo, optim, loop)
 
 
 loop_train = loop.train
 CONFIGURABLES["train"] = train
+CONFIGURABLES["train_reward_model"] = reward_model.train
 
 
 def write_operative(output_dir: str) -> None:

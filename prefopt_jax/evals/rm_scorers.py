@@ -1,0 +1,66 @@
+"""Reward models as search scorers: one trained RM, ensembles (mean / WCO / UWO), PAR shaping.
+
+Shape letters: `b` prompts, `n` candidates per prompt, `m` reference replies per prompt,
+`e` ensemble members.
+
+Everything returns a callable `scorer(candidates) -> scores_bn` (the `sampling.scorers`
+contract), so best-of-N, RSO, `prefopt data build-pairs` and the iterative loop take any of them.
+The aggregations and PAR are the functions of `losses.rewards`; nothing is re-derived here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from prefopt_jax.losses import rewards as reward_fns
+from prefopt_jax.sampling import generate as gen
+from prefopt_jax.sampling import scorers
+from prefopt_jax.sampling.scorers import Candidates
+
+
+def reward_model_scorer(rm) -> scorers.RewardModelScorer:
+    """A `train.reward_model.RewardModel` as a scorer (its trunk and head)."""
+    return scorers.RewardModelScorer(rm.trunk, rm.head)
+
+
+def ensemble(members: Sequence, aggregate: str = "mean", lam: float = 0.5
+             ) -> scorers.EnsembleScorer:
+    """Reward models (or any scorers) aggregated by `mean`, `wco` or `uwo` (lam: 0.5 BoN, 0.1 PPO)."""
+    members = [m if callable(m) and not hasattr(m, "trunk") else reward_model_scorer(m)
+               for m in members]
+    return scorers.EnsembleScorer(members, aggregate, lam)
+
+
+class PARScorer:
+    """PAR shaping: `(1/M) sum_m s(k (r(x, y) - r(x, y_ref_m)))`, M reference replies per prompt.
+
+    The reference replies are sampled from `ref_model` once per call (or given as
+    `ref_candidates`, `[B, M, C]`, for the same prompts) and scored by the same `scorer`.
+    """
+
+    def __init__(self, scorer: Callable, ref_model=None, num_ref: int = 10,
+                 config: gen.SamplingConfig | None = None, k: float = 1.0, seed: int = 0,
+                 ref_candidates: Candidates | None = None, pad_id: int = 0):
+        if ref_model is None and ref_candidates is None:
+            raise ValueError("PARScorer needs ref_model (to sample references) or ref_candidates")
+        self.scorer, self.ref_model, self.num_ref, self.k = scorer, ref_model, num_ref, k
+        self.config = config or gen.SamplingConfig()
+        self.seed, self.ref_candidates, self.pad_id = seed, ref_candidates, pad_id
+
+    def references(self, candidates: Candidates) -> Candidates:
+        """The reference replies for the candidates' prompts."""
+        if self.ref_candidates is not None:
+            return self.ref_candidates
+        from prefopt_jax.sampling.search import sample_candidates
+
+        return sample_candidates(self.ref_model, candidates.prompts, self.num_ref, self.config,
+                                 self.seed, self.pad_id)
+
+    def __call__(self, candidates: Candidates) -> np.ndarray:
+        scores_bn = np.asarray(self.scorer(candidates), np.float32)
+        ref_bm = np.asarray(self.scorer(self.references(candidates)), np.float32)
+        b, n = scores_bn.shape
+        ref_nm = np.repeat(ref_bm, n, axis=0)
+        return np.asarray(reward_fns.par(scores_bn.reshape(b * n), ref_nm, k=self.k)).reshape(b, n)

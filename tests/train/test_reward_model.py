@@ -1,0 +1,75 @@
+"""Reward-model training on the tiny model: a learnable synthetic preference, gin dispatch, I/O."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prefopt_jax import data as data_lib
+from prefopt_jax import registry
+from prefopt_jax.data.tokenized import from_lists
+from prefopt_jax.evals import calibration
+from prefopt_jax.train import build, loop, optim, tiny
+from prefopt_jax.train import reward_model as rm_lib
+
+TARGET = 7  # the chosen reply always contains this token; the rejected never does
+
+
+def target_pairs(n: int, seed: int):
+    """Random pairs where the chosen reply contains TARGET at a random place."""
+    rng = np.random.default_rng(seed)
+    prompts, completions = [], []
+    for _ in range(n):
+        prompts.append(rng.integers(10, tiny.VOCAB, rng.integers(2, 6)))
+        chosen = list(rng.integers(10, tiny.VOCAB, rng.integers(2, 7)))
+        chosen.insert(int(rng.integers(0, len(chosen) + 1)), TARGET)
+        completions += [chosen, list(rng.integers(10, tiny.VOCAB, rng.integers(2, 7)))]
+    return from_lists("paired", 2, prompts, completions, np.arange(n), {})
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()))
+    loader = data_lib.Loader(target_pairs(128, 0), 16, data_lib.LayoutConfig(kind="padded"),
+                             num_epochs=None)
+    config = optim.OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=40)
+    return rm_lib.fit(rm, loader, build.AlgoConfig(loss="bradley_terry"), config, 40)
+
+
+def test_learns_synthetic_preference_on_heldout_pairs(trained):
+    rm, values = trained
+    assert values["rewards/accuracy"] > 0.9
+    r_w, r_l = rm_lib.score_pairs(rm, target_pairs(64, 1))
+    report = calibration.pair_report(r_w, r_l)
+    assert report["pairs"] == 64 and report["accuracy"] > 0.85
+    assert 0.0 <= report["ece"] <= 1.0
+
+
+def test_scores_do_not_depend_on_layout(trained):
+    rm, _ = trained
+    data = target_pairs(8, 2)
+    padded = rm_lib.score_pairs(rm, data, 4, data_lib.LayoutConfig(kind="padded"))
+    packed = rm_lib.score_pairs(rm, data, 4, data_lib.LayoutConfig(kind="packed"))
+    np.testing.assert_allclose(padded, packed, atol=1e-4)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    rm, _ = trained
+    rm_lib.save(rm, str(tmp_path))
+    back, _ = rm_lib.load(str(tmp_path))
+    data = target_pairs(4, 3)
+    np.testing.assert_allclose(rm_lib.score_pairs(back, data), rm_lib.score_pairs(rm, data),
+                               atol=1e-5)
+
+
+def test_gin_dispatch_with_lora(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    registry.parse(["configs/experiments/reward_model_tiny.gin", "configs/models/lora.gin"],
+                   ["LoopConfig.steps = 2", f"LoopConfig.output_dir = '{tmp_path}'",
+                    "DataSpec.tiny_examples = 8", "DataSpec.batch_size = 4"])
+    values = registry.train()
+    assert np.isfinite(values["loss"])
+    assert os.path.exists(tmp_path / "reward_model" / "head.npz")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
