@@ -1,4 +1,8 @@
-"""`prefopt data inspect`: what a dataset looks like to prefopt-jax before any training."""
+"""`prefopt data inspect`: what a dataset looks like to prefopt-jax before any training.
+
+`prefopt data build-pairs`: sample k replies per prompt from a policy, score them (VADER, a
+reward model or an ensemble), and write preference pairs as JSONL ready for `prefopt train`.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--row-length", type=int, default=None, help="packed row length")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.set_defaults(func=run)
+    add_build_pairs(sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,3 +114,58 @@ def print_layouts(data, batch_size: int, row_length: int | None) -> None:
         f = layout_figures(data, batch_size, LayoutConfig(kind=kind, row_length=row_length))
         print(f"  {kind:<14}{f.padding_fraction:>9.3f}{f.tokens_per_row:>12.1f}"
               f"{f.rows_per_batch:>12.1f}{f.row_length:>12.1f}{f.shapes:>8}")
+
+
+def add_build_pairs(sub) -> None:
+    """Adds `data build-pairs`."""
+    p = sub.add_parser("build-pairs", help="sample, score and pair replies into a preference "
+                       "JSONL file", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompts", help="file or dataset with a 'prompt' column (text or messages)")
+    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="policy: built-in name, model folder or .gguf file")
+    p.add_argument("--scorer", default="sentiment",
+                   help="sentiment | length | rm:DIR | ensemble:DIR1,DIR2,...")
+    p.add_argument("--aggregate", default="mean", choices=["mean", "wco", "uwo"])
+    p.add_argument("--uwo-lambda", type=float, default=0.5)
+    p.add_argument("--k", type=int, default=4, help="replies sampled per prompt")
+    p.add_argument("--pairs", default="best_vs_worst",
+                   choices=["best_vs_worst", "all_pairs", "rso"])
+    p.add_argument("--accept", type=int, default=2, help="rso: replies accepted per prompt")
+    p.add_argument("--rso-beta", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    p.add_argument("--batch-prompts", type=int, default=16, help="prompts sampled at a time")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_build_pairs)
+
+
+def run_build_pairs(args: argparse.Namespace) -> int:
+    """Sample, score, select and write the pairs; prints a one-line summary."""
+    from prefopt_jax.evals import onpolicy, rm_scorers
+    from prefopt_jax.models import from_pretrained
+    from prefopt_jax.sampling.generate import SamplingConfig
+
+    model, tokenizer = from_pretrained(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer files; build-pairs needs one")
+    scorer = rm_scorers.from_spec(args.scorer, tokenizer, args.aggregate, args.uwo_lambda)
+    eos = tokenizer.eos_token_id
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop_ids=() if eos is None else (int(eos),))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = onpolicy.read_prompts(args.prompts, args.limit)
+    rows = []
+    for start in range(0, len(prompts), args.batch_prompts):
+        chunk = prompts[start:start + args.batch_prompts]
+        ids = [onpolicy.prompt_ids(tokenizer, p) for p in chunk]
+        scored = onpolicy.sample_and_score(
+            model, ids, scorer, args.k, config, mode=args.pairs, accept=args.accept,
+            rso_beta=args.rso_beta, seed=args.seed + start, pad_id=pad_id)
+        rows += onpolicy.to_rows(scored, chunk, tokenizer)
+    onpolicy.write_jsonl(rows, args.out)
+    print(f"{len(rows)} pairs from {len(prompts)} prompts x {args.k} replies "
+          f"({args.pairs}, scorer {args.scorer}) -> {args.out}")
+    return 0

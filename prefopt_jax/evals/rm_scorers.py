@@ -64,3 +64,27 @@ class PARScorer:
         b, n = scores_bn.shape
         ref_nm = np.repeat(ref_bm, n, axis=0)
         return np.asarray(reward_fns.par(scores_bn.reshape(b * n), ref_nm, k=self.k)).reshape(b, n)
+
+
+def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0.5) -> Callable:
+    """A scorer from a command-line spec.
+
+    `sentiment` (VADER on the decoded reply), `length` (reply tokens, for smoke runs),
+    `rm:DIR` (a reward model written by `train.reward_model.save`) or
+    `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`).
+    """
+    from prefopt_jax.train import reward_model
+
+    kind, _, arg = spec.partition(":")
+    if kind == "sentiment":
+        if tokenizer is None:
+            raise ValueError("the sentiment scorer decodes replies: it needs a tokenizer")
+        return scorers.sentiment_scorer(tokenizer)
+    if kind == "length":
+        return lambda c: np.asarray(c.mask_bnc, np.float32).sum(-1)
+    if kind == "rm" and arg:
+        return reward_model_scorer(reward_model.load(arg)[0])
+    if kind == "ensemble" and arg:
+        return ensemble([reward_model.load(d)[0] for d in arg.split(",")], aggregate, lam)
+    raise ValueError(f"unknown scorer {spec!r}; use sentiment, length, rm:DIR or "
+                     "ensemble:DIR1,DIR2,...")
