@@ -12,11 +12,11 @@ from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, 
                                      listwise_from_flat, mean_loss, metric_values, pair_logps,
                                      pairwise_from_interleaved, seq_reduce)
 from prefopt_jax.losses.modifiers import f_divergence, ld_dpo, mix, reference_free, wpo
-from prefopt_jax.losses.registry import UnknownLossError, get, names, register
+from prefopt_jax.losses.registry import LossInfo, UnknownLossError, get, info, names, register
 
 __all__ = [
-    "DistillInputs", "ListwiseInputs", "LossOutput", "PairLogps", "PairwiseInputs",
+    "DistillInputs", "ListwiseInputs", "LossInfo", "LossOutput", "PairLogps", "PairwiseInputs",
     "RewardPairInputs", "RolloutInputs", "UnknownLossError", "UnpairedInputs", "f_divergence",
-    "get", "ld_dpo", "listwise_from_flat", "mean_loss", "metric_values", "mix", "names", "pair_logps",
-    "pairwise_from_interleaved", "reference_free", "register", "seq_reduce", "wpo",
+    "get", "info", "ld_dpo", "listwise_from_flat", "mean_loss", "metric_values", "mix", "names",
+    "pair_logps", "pairwise_from_interleaved", "reference_free", "register", "seq_reduce", "wpo",
 ]

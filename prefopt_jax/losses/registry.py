@@ -6,6 +6,8 @@ never through `if name == ...` chains.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Callable
 
 _REGISTRY: dict[str, Callable] = {}
@@ -41,3 +43,49 @@ def get(name: str) -> Callable:
 def names() -> list[str]:
     """All registered names, sorted."""
     return sorted(_REGISTRY)
+
+
+# Objectives whose formula has no reference term (ALGORITHMS.md "ref" column says no).
+REFERENCE_FREE = frozenset({"slic", "sft", "simpo", "cpo", "orpo", "tpo", "tpo_l",
+                            "bradley_terry", "ensemble_mean", "wco", "uwo", "par"})
+# Objectives whose formula couples examples across the whole batch (sorts, batch means).
+BATCH_COUPLED = frozenset({"aot", "aot_unpaired", "kto", "bco", "bco_pair", "mpo"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInfo:
+    """What the engine must know about an objective before building a step.
+
+    Attributes:
+      kind: the inputs type it reads: "pairwise", "unpaired", "listwise", "reward", "distill",
+        "rollout" (from the annotation of its `inputs` parameter).
+      needs_reference: whether reference log-probs enter the formula.
+      batch_coupled: whether one example's loss depends on other examples of the batch.
+    """
+
+    kind: str
+    needs_reference: bool
+    batch_coupled: bool
+
+
+_KINDS = {"PairwiseInputs": "pairwise", "UnpairedInputs": "unpaired",
+          "ListwiseInputs": "listwise", "RewardPairInputs": "reward", "DistillInputs": "distill",
+          "RolloutInputs": "rollout"}
+
+
+def _inputs_kind(fn: Callable) -> str:
+    target = getattr(fn, "phi", None) or fn
+    call = target if inspect.isfunction(target) else getattr(target, "__call__", target)
+    try:
+        annotation = inspect.signature(call).parameters["inputs"].annotation
+    except (KeyError, ValueError, TypeError):
+        return "pairwise"
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return next((kind for cls, kind in _KINDS.items() if cls in str(text)), "pairwise")
+
+
+def info(name: str) -> LossInfo:
+    """Kind, reference need and batch coupling of the objective registered as `name`."""
+    fn = get(name)
+    return LossInfo(kind=_inputs_kind(fn), needs_reference=name not in REFERENCE_FREE,
+                    batch_coupled=name in BATCH_COUPLED)

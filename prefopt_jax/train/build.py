@@ -7,6 +7,7 @@ returned step function is compiled once for the batch shape it first sees.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -36,13 +37,41 @@ class AlgoConfig:
 def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512) -> StepSetup:
     """The static half of a step; unknown loss names fail here, before any compute."""
-    fn = losses.get(algo.loss)
+    fn, info = losses.get(algo.loss), losses.info(algo.loss)
+    if info.kind not in step_lib.TRAINABLE_KINDS:
+        raise ValueError(f"objective {algo.loss!r} reads {info.kind} inputs, which preference "
+                         f"batches do not provide; trainable kinds: {step_lib.TRAINABLE_KINDS}")
     if algo.reference.kind == "lora" and lora is None:
         raise ValueError("reference kind 'lora' needs LoRA training (a LoraConfig)")
+    if info.needs_reference and algo.reference.kind == "none":
+        raise ValueError(f"objective {algo.loss!r} needs a reference; ReferenceConfig.kind is "
+                         "'none' (use frozen, lora, precomputed or previous)")
     return StepSetup(graphdef=graphdef, tx=optim.build_optimizer(optim_config), loss_fn=fn,
-                     loss_kind=step_lib.loss_kind(fn), hyper=tuple(sorted(dict(algo.hyper).items())),
+                     loss_kind=info.kind, hyper=tuple(sorted(dict(algo.hyper).items())),
                      reference=reference.Reference(algo.reference), lora=lora,
                      logps_chunk=logps_chunk, fp32_state=optim_config.fp32_state)
+
+
+# Sorting over the batch: a sort within each micro-batch is a different objective, not an
+# approximation, so accumulation is refused rather than silently changing the loss.
+SORT_COUPLED = frozenset({"aot", "aot_unpaired"})
+
+
+def check_accumulation(loss: str, micro_batches: int) -> None:
+    """Refuse (sorts) or warn (batch statistics) when a batch-coupled objective is accumulated.
+
+    Under gradient accumulation each micro-batch is one call of the loss, so a statistic over
+    "the batch" (KTO's z0 from mismatched rows, BCO's reward mean) is the micro-batch's; BCO's
+    running mean still sees every example, in micro-batch order.
+    """
+    if micro_batches <= 1 or not losses.info(loss).batch_coupled:
+        return
+    if loss in SORT_COUPLED:
+        raise ValueError(f"objective {loss!r} sorts over the global batch; with micro_batches="
+                         f"{micro_batches} each micro-batch would be sorted alone. Use "
+                         "micro_batches=1 (raise batch_size per device instead)")
+    warnings.warn(f"objective {loss!r} couples examples through a batch statistic; with "
+                  f"micro_batches={micro_batches} the statistic is per micro-batch", stacklevel=2)
 
 
 def initial_loss_state(setup: StepSetup, batch_m) -> Any:
@@ -51,10 +80,15 @@ def initial_loss_state(setup: StepSetup, batch_m) -> Any:
         q, c = batch["completion_mask"].shape
         zeros = jnp.zeros((q, c), jnp.float32)
         ref = None if setup.reference.kind == "none" else zeros
-        inputs = step_lib.INPUT_BUILDERS[setup.loss_kind](zeros, ref, batch)
+        inputs = step_lib.loss_inputs(setup.loss_kind, zeros, ref, batch)
         return setup.loss_fn(inputs, None, **dict(setup.hyper)).state
 
-    shapes = jax.eval_shape(probe, jax.tree.map(lambda x: x[0], batch_m))
+    try:
+        shapes = jax.eval_shape(probe, jax.tree.map(lambda x: x[0], batch_m))
+    except (KeyError, AttributeError, TypeError) as err:
+        # Before any compile: the objective reads an input this data does not carry.
+        raise ValueError(f"objective {setup.loss_fn.__name__!r} cannot train on this data "
+                         f"(keys {sorted(batch_m)}): {err}") from err
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

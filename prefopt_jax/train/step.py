@@ -12,7 +12,6 @@ logical axes over the mesh, and donates the state.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 import jax
@@ -22,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefopt_jax import losses
-from prefopt_jax.losses.base import PairwiseInputs, UnpairedInputs, ListwiseInputs
+from prefopt_jax.losses.base import UnpairedInputs
 from prefopt_jax.train import logps as logps_lib
 from prefopt_jax.train.state import StepSetup, TrainState, policy_params, to_f32, tree_shardings
 
@@ -30,57 +29,35 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 BATCH_AXES = ("data", "fsdp")
 
 
-def loss_kind(fn) -> str:
-    """"pairwise", "unpaired" or "listwise", from the annotation of the loss's `inputs`."""
-    call = fn if inspect.isfunction(fn) else getattr(fn, "__call__", fn)
-    try:
-        annotation = inspect.signature(call).parameters["inputs"].annotation
-    except (KeyError, ValueError, TypeError):
-        return "pairwise"
-    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    for kind, cls in (("unpaired", UnpairedInputs), ("listwise", ListwiseInputs)):
-        if cls.__name__ in name:
-            return kind
-    return "pairwise"
-
-
 def _opt(batch, key):
     value = batch.get(key)
     return None if value is None else value.astype(jnp.float32)
 
 
-def pairwise_inputs(logps_qc, ref_qc, batch) -> PairwiseInputs:
-    """Chosen sequences are even rows `2p`, rejected odd rows `2p + 1` (the batch contract)."""
-    mask_qc = batch["completion_mask"]
-    ref = (None, None) if ref_qc is None else (ref_qc[0::2], ref_qc[1::2])
-    return PairwiseInputs(
-        logps_w_pc=logps_qc[0::2], logps_l_pc=logps_qc[1::2],
-        mask_w_pc=mask_qc[0::2], mask_l_pc=mask_qc[1::2],
-        ref_logps_w_pc=ref[0], ref_logps_l_pc=ref[1],
-        valid_p=batch["pair_valid"], weight_p=_opt(batch, "weight"),
-        margin_p=_opt(batch, "margin"), score_w_p=_opt(batch, "score_chosen"),
-        score_l_p=_opt(batch, "score_rejected"))
+def loss_inputs(kind: str, logps_qc, ref_qc, batch):
+    """The loss's inputs from `[Q, C]` log-probs and the batch (the losses' layout adapters).
+
+    Paired batches interleave chosen `2p` and rejected `2p + 1`; listwise batches hold `K = Q / P`
+    items per prompt in order; unpaired batches one labelled sequence per example.
+    """
+    mask_qc, valid_p = batch["completion_mask"], batch["pair_valid"]
+    if kind == "pairwise":
+        return losses.pairwise_from_interleaved(
+            logps_qc, mask_qc, ref_qc, valid_p=valid_p, weight_p=_opt(batch, "weight"),
+            margin_p=_opt(batch, "margin"), score_w_p=_opt(batch, "score_chosen"),
+            score_l_p=_opt(batch, "score_rejected"))
+    if kind == "listwise":
+        return losses.listwise_from_flat(logps_qc, mask_qc, batch["scores"].astype(jnp.float32),
+                                         ref_qc, valid_p=valid_p, weight_p=_opt(batch, "weight"))
+    if kind == "unpaired":
+        return UnpairedInputs(logps_nc=logps_qc, mask_nc=mask_qc, label_n=batch["label"] > 0,
+                              ref_logps_nc=ref_qc, valid_n=valid_p,
+                              weight_n=_opt(batch, "weight"))
+    raise ValueError(f"objectives of kind {kind!r} do not train on preference batches; "
+                     f"supported kinds: {TRAINABLE_KINDS}")
 
 
-def unpaired_inputs(logps_qc, ref_qc, batch) -> UnpairedInputs:
-    """One sequence per example with its desirable/undesirable label."""
-    return UnpairedInputs(
-        logps_nc=logps_qc, mask_nc=batch["completion_mask"], label_n=batch["label"] > 0,
-        ref_logps_nc=ref_qc, valid_n=batch["pair_valid"], weight_n=_opt(batch, "weight"))
-
-
-def listwise_inputs(logps_qc, ref_qc, batch) -> ListwiseInputs:
-    """`K = Q / P` items per prompt, in order."""
-    p = batch["pair_valid"].shape[0]
-    to_pkc = lambda x: None if x is None else x.reshape((p, -1) + x.shape[1:])  # noqa: E731
-    return ListwiseInputs(
-        logps_pkc=to_pkc(logps_qc), mask_pkc=to_pkc(batch["completion_mask"]),
-        scores_pk=batch["scores"].astype(jnp.float32), ref_logps_pkc=to_pkc(ref_qc),
-        valid_p=batch["pair_valid"], weight_p=_opt(batch, "weight"))
-
-
-INPUT_BUILDERS = {"pairwise": pairwise_inputs, "unpaired": unpaired_inputs,
-                  "listwise": listwise_inputs}
+TRAINABLE_KINDS = ("pairwise", "unpaired", "listwise")
 
 
 def forward_logps(setup: StepSetup, params, rest, batch) -> jax.Array:
@@ -95,7 +72,7 @@ def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Ar
     logps_qc = forward_logps(setup, policy, state.rest, batch)
     ref_qc = setup.reference.logps(
         lambda p: forward_logps(setup, p, state.rest, batch), state, batch)
-    inputs = INPUT_BUILDERS[setup.loss_kind](logps_qc, ref_qc, batch)
+    inputs = loss_inputs(setup.loss_kind, logps_qc, ref_qc, batch)
     # Loss-specific per-example data (win rates, gold completions...) rides as `extra/<name>`.
     extras = {k[len("extra/"):]: v for k, v in batch.items() if k.startswith("extra/")}
     inputs = inputs.replace(extras=extras) if extras else inputs
@@ -107,7 +84,11 @@ def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Ar
 
 
 def accumulate(setup: StepSetup, state: TrainState, batch_m):
-    """Summed gradients, summed (sum, count) metrics and the final loss state over micro-batches."""
+    """Summed gradients, summed (sum, count) metrics and the final loss state over micro-batches.
+
+    One scan over all `m` micro-batches from zero sums, so the model is traced and compiled once
+    (a length-1 scan is inlined by XLA; peeling the first micro-batch would compile it twice).
+    """
     total = jnp.sum(batch_m["pair_valid"].astype(jnp.float32))
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -120,11 +101,12 @@ def accumulate(setup: StepSetup, state: TrainState, batch_m):
         return (grads, metrics, loss_state), None
 
     first = jax.tree.map(lambda x: x[0], batch_m)
-    (_, (metrics0, loss_state)), grads0 = grad_fn(state.params, state, first, state.loss_state,
-                                                  total, setup)
-    rest_m = jax.tree.map(lambda x: x[1:], batch_m)
-    (grads, metrics, loss_state), _ = jax.lax.scan(scan_body, (grads0, metrics0, loss_state),
-                                                   rest_m)
+    shapes = jax.eval_shape(lambda *a: grad_fn(*a, setup), state.params, state, first,
+                            state.loss_state, total)
+    (_, (metrics_shape, _)), grads_shape = shapes
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    carry = (zeros(grads_shape), zeros(metrics_shape), state.loss_state)
+    (grads, metrics, loss_state), _ = jax.lax.scan(scan_body, carry, batch_m)
     return grads, metrics, loss_state
 
 
