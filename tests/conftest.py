@@ -9,7 +9,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Identical programs (the same step built by several tests or config files) compile once per
+# run: a fresh persistent cache per session, so timings never depend on an earlier run.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("PREFOPT_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="jaxc-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_configure(config):

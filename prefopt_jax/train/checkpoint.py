@@ -9,6 +9,7 @@ checkpoint as the latest usable one.
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +19,26 @@ def _leaves_dict(tree) -> dict:
     return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
+def remove_incomplete(directory: str) -> list[str]:
+    """Deletes step directories a killed save left without orbax's final metadata file.
+
+    On local disks orbax renames a finished temporary directory, so this only matters on file
+    systems where it writes in place; either way the previous complete step stays the latest.
+    """
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.isdigit() and not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+            shutil.rmtree(path)
+            removed.append(name)
+    if removed:
+        print(f"removed incomplete checkpoint steps {sorted(removed, key=int)} in {directory}",
+              flush=True)
+    return removed
+
+
 class Checkpointer:
     """Save / restore (state, data position, extra JSON) under `directory`."""
 
@@ -25,6 +46,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                enable_async_checkpointing=async_save)
         self.directory = os.path.abspath(directory)
+        if jax.process_index() == 0:
+            remove_incomplete(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

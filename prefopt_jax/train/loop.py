@@ -24,7 +24,7 @@ from flax import nnx
 from prefopt_jax import data as data_lib
 from prefopt_jax.models import lora as lora_lib
 from prefopt_jax.models import sharding as sharding_lib
-from prefopt_jax.train import build, optim, tiny
+from prefopt_jax.train import build, optim, refcache, reference, tiny
 from prefopt_jax.train.checkpoint import Checkpointer
 from prefopt_jax.train.metrics import MetricsWriter, means
 from prefopt_jax.train.state import policy_params
@@ -73,6 +73,8 @@ class LoopConfig:
     logps_chunk: int = 512
     export: bool = True
     mesh_shape: tuple = (1, 1, 1)
+    # Iterative methods: the reference becomes the policy every this many steps (0 = never).
+    refresh_reference_every: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))
@@ -133,14 +135,7 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int,
 
 def agreed_shape(loader: data_lib.Loader, count: int) -> data_lib.Shape:
     """The elementwise max shape of the next `count` batches over all hosts (static shapes)."""
-    saved = loader.state_dict()
-    shapes = []
-    for _ in range(count):
-        shapes.append(loader.peek_shape())
-        loader.step += 1
-        if loader.step == loader.steps_per_epoch:
-            loader.epoch, loader.step = loader.epoch + 1, 0
-    loader.load_state_dict(saved)
+    shapes = [loader.peek_shape(ahead) for ahead in range(count)]
     shape_3 = np.max(np.asarray(shapes, np.int64), axis=0)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -148,10 +143,15 @@ def agreed_shape(loader: data_lib.Loader, count: int) -> data_lib.Shape:
     return data_lib.Shape(*(int(x) for x in shape_3))
 
 
-def next_batch_m(loader: data_lib.Loader, micro: int) -> dict:
-    """`micro` loader batches of one agreed shape, stacked on a leading axis (numpy)."""
+def next_batch_m(loader: data_lib.Loader, micro: int, ref_cache=None) -> dict:
+    """`micro` loader batches of one agreed shape, stacked on a leading axis (numpy).
+
+    With a precomputed reference, each batch carries its cached `ref_logps`.
+    """
     shape = agreed_shape(loader, micro)
     batches = [loader.next_batch(min_shape=shape) for _ in range(micro)]
+    if ref_cache is not None:
+        batches = [ref_cache.fill(b) for b in batches]
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -196,6 +196,7 @@ class Run:
     loader: data_lib.Loader
     tokenizer: Any
     mesh: Any
+    ref_cache: Any = None
 
 
 def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
@@ -206,14 +207,21 @@ def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
     setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora, loop.logps_chunk)
+    build.check_accumulation(algo.loss, data_spec.micro_batches)
     loader = make_loader(data_spec, tokenizer, loop.seed, model.config.vocab_size, shards,
                          unpaired=setup.loss_kind == "unpaired")
-    probe = next_batch_m(loader, data_spec.micro_batches)
+    ref_cache = None
+    if algo.reference.kind == "precomputed":
+        ref_cache = refcache.load_or_compute(
+            algo.reference.cache_dir, loader.data, loader.layout, loader.batch_size, graphdef,
+            params if base is None else base, rest, loop.logps_chunk)
+    probe = next_batch_m(loader, data_spec.micro_batches, ref_cache)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
     state, abstract = build.place_state(setup, params, base, rest, probe, mesh, loop.seed)
     step_fn, state_sh, batch_sh = build.step_lib.compile_train_step(setup, abstract, probe,
                                                                     mesh)
-    return Run(setup, state, step_fn, batch_sh, abstract, state_sh, loader, tokenizer, mesh)
+    return Run(setup, state, step_fn, batch_sh, abstract, state_sh, loader, tokenizer, mesh,
+               ref_cache)
 
 
 def export(run: Run, directory: str) -> str:
@@ -224,21 +232,16 @@ def export(run: Run, directory: str) -> str:
     return str(save_pretrained(model, directory, run.tokenizer))
 
 
-def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
-          optim_config: optim.OptimConfig, loop: LoopConfig) -> dict:
-    """Train (or resume) to `loop.steps`; returns the last step's metric means."""
-    run = start(model_spec, data_spec, algo, optim_config, loop)
-    ckpt = Checkpointer(os.path.join(loop.output_dir, "checkpoints"), loop.keep_checkpoints)
-    first = ckpt.latest_step() or 0
-    if first:
-        run.state, data_state = ckpt.restore(first, run.abstract, run.state_sh)
-        run.loader.load_state_dict(data_state)
-    writer = MetricsWriter(loop.output_dir, loop.steps, first)
-    stop, values, tokens = Stop(), {}, 0.0
+def run_steps(run: Run, data_spec: DataSpec, loop: LoopConfig, ckpt: Checkpointer,
+              writer: MetricsWriter, stop: Stop, first: int) -> dict:
+    """Steps `first + 1 .. loop.steps`: step, refresh, check, log, checkpoint."""
+    values, tokens = {}, 0.0
     with jax.set_mesh(run.mesh):
         for step in range(first + 1, loop.steps + 1):
-            batch_m = next_batch_m(run.loader, data_spec.micro_batches)
+            batch_m = next_batch_m(run.loader, data_spec.micro_batches, run.ref_cache)
             run.state, metrics = run.step_fn(run.state, to_global(batch_m, run.batch_sh))
+            if loop.refresh_reference_every and step % loop.refresh_reference_every == 0:
+                run.state = reference.refresh(run.state, policy_params(run.setup, run.state))
             values = means(metrics)
             check_finite(step, values, batch_m, ckpt.latest_step())
             tokens += float(np.sum(batch_m["completion_mask"]))
@@ -252,8 +255,26 @@ def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
             if stop.requested:
                 print(f"SIGTERM: checkpointed step {step}; restart to resume", flush=True)
                 break
-    ckpt.close()
-    writer.close()
+    return values
+
+
+def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
+          optim_config: optim.OptimConfig, loop: LoopConfig) -> dict:
+    """Train (or resume) to `loop.steps`; returns the last step's metric means."""
+    run = start(model_spec, data_spec, algo, optim_config, loop)
+    ckpt = Checkpointer(os.path.join(loop.output_dir, "checkpoints"), loop.keep_checkpoints)
+    first = ckpt.latest_step() or 0
+    if first:
+        run.state, data_state = ckpt.restore(first, run.abstract, run.state_sh)
+        run.loader.load_state_dict(data_state)
+    writer = MetricsWriter(loop.output_dir, loop.steps, first)
+    stop = Stop()
+    try:
+        values = run_steps(run, data_spec, loop, ckpt, writer, stop, first)
+    finally:
+        # Also on a non-finite stop: pending asynchronous saves finish before the error leaves.
+        ckpt.close()
+        writer.close()
     if loop.export and not stop.requested and jax.process_index() == 0:
         export(run, os.path.join(loop.output_dir, "export"))
     return values

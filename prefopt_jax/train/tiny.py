@@ -14,7 +14,7 @@ import numpy as np
 from prefopt_jax.models.transformer import ModelConfig
 
 VOCAB = 61
-CONFIG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+CONFIG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
                      num_heads=4, num_kv_heads=2, head_dim=8)
 
 

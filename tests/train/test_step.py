@@ -20,9 +20,9 @@ def numpy_batch(layout="padded", seed=0, m=1, **kw):
 
 
 def run(algo, layout="padded", steps=3, m=1, lora=None, mesh_shape=(1, 1, 1), opt=OPT, kw=None,
-        batches=None):
+        batches=None, config=tiny.CONFIG):
     mesh = sharding_lib.make_mesh(mesh_shape)
-    model = Transformer(tiny.CONFIG, rngs=nnx.Rngs(0))
+    model = Transformer(config, rngs=nnx.Rngs(0))
     batches = batches or [numpy_batch(layout, seed=10 * i, m=m, **(kw or {})) for i in range(steps)]
     setup, state, step_fn, batch_sh = build.build(model, algo, opt, batches[0], mesh, lora=lora)
     out = []
@@ -117,3 +117,42 @@ def test_schedule_warmup_then_decay():
     sched = optim.schedule(optim.OptimConfig(learning_rate=1.0, warmup_steps=2, total_steps=6,
                                              schedule="linear"))
     np.testing.assert_allclose([sched(i) for i in range(7)], [0, .5, 1, .75, .5, .25, 0])
+
+
+def test_bf16_params_keep_float32_optimizer_state():
+    config = tiny.config(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    state, out = run(build.AlgoConfig("dpo"), config=config, batches=[numpy_batch()] * 3)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+    losses = [mean(m) for m in out]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_remat_policy_gives_the_same_losses_and_updates():
+    batches = [numpy_batch(seed=s) for s in (0, 10)]
+    plain, out_plain = run(build.AlgoConfig("dpo"), batches=batches)
+    remat, out_remat = run(build.AlgoConfig("dpo"), batches=batches,
+                           config=tiny.config(remat_policy="full"))
+    for a, b in zip(out_plain, out_remat):
+        np.testing.assert_allclose(mean(a), mean(b), rtol=1e-6)
+        np.testing.assert_allclose(a["grad_norm"][0], b["grad_norm"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_coupled_objectives_under_accumulation():
+    build.check_accumulation("aot", 1)
+    build.check_accumulation("dpo", 4)
+    with pytest.raises(ValueError, match="sorts over the global batch"):
+        build.check_accumulation("aot", 2)
+    with pytest.warns(UserWarning, match="per micro-batch"):
+        build.check_accumulation("bco_pair", 2)
+
+
+@pytest.mark.parametrize("loss,kind,match", [("grpo", "frozen", "rollout inputs"),
+                                             ("dpo", "none", "needs a reference")])
+def test_untrainable_choices_fail_before_any_compute(loss, kind, match):
+    graphdef = nnx.split(Transformer(tiny.CONFIG, rngs=nnx.Rngs(0)))[0]
+    with pytest.raises(ValueError, match=match):
+        build.make_setup(graphdef, build.AlgoConfig(loss, (), ReferenceConfig(kind=kind)), OPT)
