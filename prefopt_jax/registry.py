@@ -16,7 +16,7 @@ import gin
 
 from prefopt_jax.data import LayoutConfig
 from prefopt_jax.models.lora import LoraConfig
-from prefopt_jax.train import build, loop, optim, reward_model
+from prefopt_jax.train import build, iterative, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
 CONFIGURABLES = {
@@ -28,6 +28,7 @@ CONFIGURABLES = {
     "ReferenceConfig": ReferenceConfig,
     "OptimConfig": optim.OptimConfig,
     "LoopConfig": loop.LoopConfig,
+    "IterativeConfig": iterative.IterativeConfig,
 }
 
 for _name, _cls in CONFIGURABLES.items():
@@ -52,6 +53,7 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
 loop_train = loop.train
 CONFIGURABLES["train"] = train
 CONFIGURABLES["train_reward_model"] = reward_model.train
+CONFIGURABLES["train_iterative"] = iterative.train
 
 
 def write_operative(output_dir: str) -> None:

@@ -69,7 +69,7 @@ class PARScorer:
 def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0.5) -> Callable:
     """A scorer from a command-line spec.
 
-    `sentiment` (VADER on the decoded reply), `length` (reply tokens, for smoke runs),
+    `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean token id: tiny smoke runs),
     `rm:DIR` (a reward model written by `train.reward_model.save`) or
     `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`).
     """
@@ -82,9 +82,18 @@ def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0
         return scorers.sentiment_scorer(tokenizer)
     if kind == "length":
         return lambda c: np.asarray(c.mask_bnc, np.float32).sum(-1)
+    if kind == "mean_token":
+        return mean_token_scorer
     if kind == "rm" and arg:
         return reward_model_scorer(reward_model.load(arg)[0])
     if kind == "ensemble" and arg:
         return ensemble([reward_model.load(d)[0] for d in arg.split(",")], aggregate, lam)
     raise ValueError(f"unknown scorer {spec!r}; use sentiment, length, rm:DIR or "
                      "ensemble:DIR1,DIR2,...")
+
+
+def mean_token_scorer(candidates: Candidates) -> np.ndarray:
+    """Mean token id of each reply: a synthetic, learnable reward for tiny-model smoke runs."""
+    mask_bnc = np.asarray(candidates.mask_bnc, np.float32)
+    total_bn = (np.asarray(candidates.tokens_bnc, np.float32) * mask_bnc).sum(-1)
+    return total_bn / np.maximum(mask_bnc.sum(-1), 1.0)
