@@ -7,6 +7,7 @@ The cases cover GQA and MQA, RoPE scaling None / linear / llama3, tied and untie
 Llama attention bias, Mistral's sliding window (7 < sequence length 24) and Qwen2's q/k/v bias.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,7 +46,9 @@ def _forward(model, tokens_bt, positions_bt):
 
 
 def jax_logits(model, tokens_bt=TOKENS_BT, positions_bt=POSITIONS_BT) -> np.ndarray:
-    logits = _forward(model, jnp.asarray(tokens_bt), jnp.asarray(positions_bt))
+    # "highest": on GPUs float32 matmuls default to TF32 (~1e-3 off); a no-op on CPU.
+    with jax.default_matmul_precision("highest"):
+        logits = _forward(model, jnp.asarray(tokens_bt), jnp.asarray(positions_bt))
     return np.asarray(logits, np.float32)
 
 

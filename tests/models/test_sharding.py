@@ -13,7 +13,7 @@ from prefopt_jax.models import sharding
 TOKENS_BT = jnp.asarray(np.random.default_rng(0).integers(0, 128, (4, 16)), jnp.int32)
 POSITIONS_BT = jnp.tile(jnp.arange(16, dtype=jnp.int32), (4, 1))
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 
 
 def test_logical_to_spec_rules():
@@ -31,12 +31,14 @@ def test_logical_to_spec_rules():
         sharding.logical_to_spec(("nonsense",), (4,), mesh_shape)
 
 
+@needs_8
 def test_mesh_axes_are_auto():
     mesh = sharding.make_mesh((2, 2, 2))
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert all(t == AxisType.Auto for t in mesh.axis_types)
 
 
+@needs_8
 def test_sharded_forward_equals_single_device(tiny_model):
     model = tiny_model(seed=7)
     graphdef, state = nnx.split(model)
@@ -57,6 +59,7 @@ def test_sharded_forward_equals_single_device(tiny_model):
     np.testing.assert_allclose(np.asarray(logits), single, atol=1e-5)
 
 
+@needs_8
 def test_scanned_state_shardings_have_a_replicated_layers_axis():
     config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, scan_layers=True)
@@ -68,6 +71,7 @@ def test_scanned_state_shardings_have_a_replicated_layers_axis():
     assert shardings["lm_head"].get_value().spec == P("fsdp", "tensor")
 
 
+@needs_8
 def test_init_under_jit_with_out_shardings():
     """Invariant 1: params are created already sharded from eval_shape + the rules."""
     config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
@@ -83,6 +87,7 @@ def test_init_under_jit_with_out_shardings():
     assert state["layers"][0]["attn"]["w_k"].get_value().sharding.spec == P("fsdp", "tensor", None)
 
 
+@needs_8
 def test_constrain_is_a_hint_only_on_auto_meshes():
     x = jnp.ones((4, 16, 64))
     names = ("batch", "length", "embed")
