@@ -1,18 +1,22 @@
 """Tokens/s, MFU and peak memory of one DPO step per layout on a long-tailed length mix.
 
-    python benchmarks/dpo_step.py --model smollm2-135m-instruct --examples 16 --steps 3
+    python benchmarks/dpo_step.py --model smollm2-135m-instruct --examples 8 --steps 2
     python benchmarks/dpo_step.py --model tiny            # seconds, for a smoke check
 
 Prints one JSON object per layout. MFU is against a measured float32 matmul peak of this machine
 (6 * params * tokens FLOPs per step, tokens = non-padding row positions). TRL side by side is
-not run here yet (trl is not installed; see the report of issue 5).
+TRL's DPOTrainer runs on the same weights (exported to HF format) when trl is installed. Each
+configuration runs in its own process, so peak RSS is that configuration's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -31,31 +35,52 @@ def matmul_peak_flops(n: int = 1024, reps: int = 5) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def bench_layout(layout: str, args) -> dict:
-    from prefopt_jax.data import LayoutConfig, Loader
-    from prefopt_jax.data.synthetic import synthetic_tokenized
-    from prefopt_jax.models import sharding as sharding_lib
-    from prefopt_jax.train import build, loop, optim
+def logical_tokens(data, batch) -> int:
+    """Tokens of the (prompt + completion) sequences of the real pairs, each side counted whole:
+    what a padded trainer such as TRL processes, so tokens/s compare across layouts and TRL."""
+    pos = {int(e): i for i, e in enumerate(data.example_index_n)}
+    total = 0
+    for e in np.asarray(batch["example_index"]).reshape(-1):
+        if e >= 0:
+            i = pos[int(e)]
+            total += 2 * int(data.prompt_lengths_n[i]) + int(np.sum(data.completion_lengths_nk[i]))
+    return total
 
-    model, _ = loop.load_model(loop.ModelSpec(source=args.model))
-    data = synthetic_tokenized(args.examples * (args.steps + 1), seed=0,
+
+def make_data(model, args):
+    from prefopt_jax.data.synthetic import synthetic_tokenized
+    return synthetic_tokenized(args.examples * (args.steps + 1), seed=0,
                                prompt_median=args.prompt_median,
                                completion_median=args.completion_median,
                                max_length=args.max_length, vocab_size=model.config.vocab_size)
-    layout_cfg = LayoutConfig(kind=layout)  # packed rows: bucket of the longest example
-    loader = Loader(data, args.examples, layout_cfg, shuffle=False)
-    batches = [build.stack_micro([loader.next_batch()]) for _ in range(args.steps + 1)]
+
+
+def bench_layout(layout: str, mode: str, args) -> dict:
+    """One DPO configuration (layout x full/LoRA) timed over `steps` steps after a warm-up."""
+    from flax import nnx
+
+    from prefopt_jax.data import LayoutConfig, Loader
+    from prefopt_jax.models import sharding as sharding_lib
+    from prefopt_jax.models.lora import LoraConfig
+    from prefopt_jax.train import build, loop, optim
+    from prefopt_jax.train.reference import ReferenceConfig
+
+    model, _ = loop.load_model(loop.ModelSpec(source=args.model))
+    data = make_data(model, args)
+    loader = Loader(data, args.examples, LayoutConfig(kind=layout), shuffle=False)
+    shape = loop.agreed_shape(loader, args.steps + 1)  # one shape: compile once, time all
+    batches = [build.stack_micro([loader.next_batch(min_shape=shape)])
+               for _ in range(args.steps + 1)]
     mesh = sharding_lib.make_mesh((1, 1, 1))
     opt = optim.OptimConfig(learning_rate=1e-6, schedule="constant")
-    n_params = sum(x.size for x in jax.tree.leaves(jax.tree.map(
-        lambda v: v, __import__("flax").nnx.state(model, __import__("flax").nnx.Param))))
-    _, state, step_fn, batch_sh = build.build(model, build.AlgoConfig("dpo"), opt, batches[0],
-                                              mesh, logps_chunk=args.chunk)
-    times, tokens, positions = [], 0, 0
+    lora = LoraConfig(rank=args.lora_rank) if mode == "lora" else None
+    algo = build.AlgoConfig("dpo", (), ReferenceConfig(kind="lora" if lora else "frozen"))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    _, state, step_fn, batch_sh = build.build(model, algo, opt, batches[0], mesh, lora=lora,
+                                              logps_chunk=args.chunk)
+    times, tokens, positions, logical = [], 0, 0, 0
     with jax.set_mesh(mesh):
         for i, b in enumerate(batches):
-            if b["tokens"].shape != batches[0]["tokens"].shape:
-                continue  # a new bucket would recompile; time one shape only
             t = time.perf_counter()
             state, metrics = step_fn(state, jax.device_put(b, batch_sh))
             jax.block_until_ready(metrics)
@@ -63,32 +88,125 @@ def bench_layout(layout: str, args) -> dict:
                 times.append(time.perf_counter() - t)
                 tokens += int(np.sum(b["segment_ids"] > 0))
                 positions += b["tokens"].size
+                logical += logical_tokens(data, {"example_index": b["example_index"][0]})
     seconds = sum(times)
-    flops = 6 * n_params * tokens
-    return {"layout": layout, "tokens_per_s": tokens / seconds, "steps_timed": len(times),
+    # Full: forward + backward of the policy (6 N per token) + reference forward (2 N).
+    # LoRA: the weight-gradient matmuls are skipped (4 N + 2 N for the reference).
+    flops = (8 if mode == "full" else 6) * n_params * tokens
+    return {"framework": "prefopt-jax", "layout": layout, "mode": mode,
+            "tokens_per_s": logical / seconds, "row_tokens_per_s": tokens / seconds,
+            "seconds_per_step": seconds / max(len(times), 1), "steps_timed": len(times),
             "row_shape": list(batches[0]["tokens"].shape),
             "padding_fraction": 1 - tokens / max(positions, 1),
             "achieved_flops": flops / seconds,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
+def bench_trl(mode: str, args) -> dict:
+    """TRL's DPOTrainer on the same model (exported to HF format), pairs and batch size."""
+    import tempfile
+
+    import datasets
+    import transformers
+    import trl
+
+    from prefopt_jax.models import save_pretrained
+    from prefopt_jax.train import loop
+
+    model, tokenizer = loop.load_model(loop.ModelSpec(source=args.model))
+    data = make_data(model, args)
+    tmp = tempfile.mkdtemp()
+    save_pretrained(model, tmp, tokenizer)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp)
+    hf_tok.pad_token = hf_tok.pad_token or hf_tok.eos_token
+    decode = lambda ids: hf_tok.decode(ids)  # noqa: E731
+    rows = {"prompt": [decode(data.prompt(i)) for i in range(len(data))],
+            "chosen": [decode(data.completion(i, 0)) for i in range(len(data))],
+            "rejected": [decode(data.completion(i, 1)) for i in range(len(data))]}
+    peft = None
+    if mode == "lora":
+        import peft as peft_lib
+        peft = peft_lib.LoraConfig(r=args.lora_rank, target_modules="all-linear")
+    config = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=args.examples,
+                           max_steps=args.steps + 1, learning_rate=1e-6, use_cpu=True,
+                           report_to=[], save_strategy="no", logging_steps=1,
+                           max_length=args.max_length, dataset_num_proc=1)
+    timer = StepTimer()
+    trainer = trl.DPOTrainer(model=hf, args=config, train_dataset=datasets.Dataset.from_dict(rows),
+                             processing_class=hf_tok, peft_config=peft, callbacks=[timer])
+    trainer.train()
+    seconds = sum(timer.times[1:])
+    logical = sum(logical_tokens(data, {"example_index": data.example_index_n[
+        s * args.examples:(s + 1) * args.examples]}) for s in range(1, args.steps + 1))
+    return {"framework": "trl " + trl.__version__, "layout": "padded", "mode": mode,
+            "tokens_per_s": logical / seconds, "seconds_per_step": seconds / args.steps,
+            "steps_timed": len(timer.times) - 1,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+class StepTimer:
+    """A transformers callback recording each optimiser step's wall time."""
+
+    def __init__(self):
+        import transformers
+        self.__class__ = type("StepTimerCallback", (StepTimer, transformers.TrainerCallback), {})
+        self.times, self.t = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self.t)
+
+
+def run_one(args) -> dict:
+    """One configuration in this process (so peak RSS is its own)."""
+    if args.framework == "trl":
+        return bench_trl(args.modes, args)
+    return bench_layout(args.layouts, args.modes, args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--examples", type=int, default=16, help="pairs per batch")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--examples", type=int, default=8, help="pairs per batch")
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--prompt-median", type=float, default=60)
     p.add_argument("--completion-median", type=float, default=100)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--layouts", default="padded,packed,prefix")
+    p.add_argument("--modes", default="lora,full")
+    p.add_argument("--frameworks", default="prefopt,trl")
+    p.add_argument("--framework", help=argparse.SUPPRESS)  # internal: run one configuration
     args = p.parse_args()
-    peak = matmul_peak_flops()
-    for layout in args.layouts.split(","):
-        out = bench_layout(layout, args)
-        out["mfu"] = out["achieved_flops"] / peak
-        out["matmul_peak_flops"] = peak
-        print(json.dumps(out), flush=True)
+    if args.framework:
+        out = run_one(args)
+        if "achieved_flops" in out:
+            out["matmul_peak_flops"] = matmul_peak_flops()
+            out["mfu"] = out["achieved_flops"] / out["matmul_peak_flops"]
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    for framework, layout, mode in configurations(args):
+        cmd = [sys.executable, __file__, *sys.argv[1:], f"--framework={framework}",
+               f"--layouts={layout}", f"--modes={mode}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        print(lines[-1][7:] if lines else json.dumps(
+            {"framework": framework, "layout": layout, "mode": mode,
+             "error": (proc.stderr or proc.stdout)[-800:]}), flush=True)
+
+
+def configurations(args):
+    """(framework, layout, mode) triples; TRL only when it is installed, padded only."""
+    for mode in args.modes.split(","):
+        if "prefopt" in args.frameworks:
+            for layout in args.layouts.split(","):
+                yield "prefopt", layout, mode
+        if "trl" in args.frameworks and importlib.util.find_spec("trl"):
+            yield "trl", "padded", mode
 
 
 if __name__ == "__main__":

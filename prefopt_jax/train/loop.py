@@ -156,9 +156,16 @@ def next_batch_m(loader: data_lib.Loader, micro: int, ref_cache=None) -> dict:
 
 
 def to_global(batch_m: dict, shardings: dict) -> dict:
-    """Global arrays from each host's local slice (identity on one process)."""
+    """Global arrays from each host's local slice (identity on one process).
+
+    `source_index` is a flat row index `r * L + t` into this host's rows; in the global batch
+    this host's rows come after those of the hosts before it (all hosts have the same shape).
+    """
+    _, rows, length = batch_m["tokens"].shape
+    offset = jax.process_index() * rows * length
+    local = dict(batch_m, source_index=batch_m["source_index"] + offset) if offset else batch_m
     return {k: jax.make_array_from_process_local_data(shardings[k], v)
-            for k, v in batch_m.items()}
+            for k, v in local.items()}
 
 
 class Stop:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -133,3 +134,27 @@ def test_export_loads_in_transformers_with_merged_lora(tmp_path, monkeypatch):
 def logits(model, tokens_bt):
     positions_bt = np.arange(tokens_bt.shape[1], dtype=np.int32)[None]
     return np.asarray(model(tokens_bt, positions_bt))
+
+
+def test_reference_cache_is_keyed_by_data_and_weights(tmp_path, monkeypatch):
+    calls = []
+    evaluate = refcache.evaluate_reference
+    monkeypatch.setattr(refcache, "evaluate_reference",
+                        lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    model, _ = loop.load_model(MODEL)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    data = loop.tiny_data(8, 0, model.config.vocab_size, unpaired=False)
+    layout = loop.data_lib.LayoutConfig(kind="padded")
+
+    def cached(d, p):
+        return refcache.load_or_compute(str(tmp_path), d, layout, 4, graphdef, p, rest)
+
+    first = cached(data, params)
+    again = cached(data, params)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first.values_t, again.values_t)
+    cached(loop.tiny_data(8, 1, model.config.vocab_size, unpaired=False), params)
+    assert len(calls) == 2, "other data must miss the cache"
+    cached(data, jax.tree.map(lambda x: x * 1.01, params))
+    assert len(calls) == 3, "other reference weights must miss the cache"
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".npz")]) == 3
