@@ -6,9 +6,11 @@ optimiser step (`after_step`). Kinds, chosen by name in `ReferenceConfig.kind`:
 
   frozen       a copy of the initial policy Params, sharded like the policy;
   lora         the base Params with adapters disabled (no copy: `TrainState.base`);
-  precomputed  log-probs read from the batch's `ref_logps` (filled from the on-disk cache);
+  precomputed  log-probs read from the batch's `ref_logps`, filled by the loop from the on-disk
+               cache of `train.refcache` (one pass over the data, reused across runs);
   none         reference-free objectives: nothing loaded, `None` passed to the loss;
-  previous     like frozen, and `refresh` replaces it by the current policy (iterative methods).
+  previous     like frozen, and `refresh` replaces it by the current policy (iterative methods;
+               the loop calls it every `LoopConfig.refresh_reference_every` steps).
 
 `soft_update_every > 0` adds the TR-DPO soft update `ref <- a * policy + (1 - a) * ref` every N
 steps (kinds frozen and previous).

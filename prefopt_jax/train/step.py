@@ -8,6 +8,11 @@ Every batch array has a leading micro-batch axis `m` (1 without accumulation). G
 whole batch, so the result equals one big batch exactly; metrics are summed as (sum, count)
 pairs. `compile_train_step` jits the step once with in/out shardings derived from the state's
 logical axes over the mesh, and donates the state.
+
+Batch-coupled objectives under accumulation: each micro-batch is one call of the loss, so a
+statistic over "the batch" is the micro-batch's. `build.check_accumulation` refuses the sorting
+objectives (aot, aot_unpaired) with micro_batches > 1 and warns for batch statistics (kto with
+mismatched rows, bco/bco_pair, whose running mean still sees every example in order, mpo).
 """
 
 from __future__ import annotations
