@@ -15,6 +15,7 @@ import re
 import gin
 
 from prefopt_jax.data import LayoutConfig
+from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.train import build, iterative, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
@@ -54,6 +55,7 @@ loop_train = loop.train
 CONFIGURABLES["train"] = train
 CONFIGURABLES["train_reward_model"] = reward_model.train
 CONFIGURABLES["train_iterative"] = iterative.train
+CONFIGURABLES["evaluate"] = policy_eval.evaluate
 
 
 def write_operative(output_dir: str) -> None:
