@@ -52,7 +52,7 @@ def dpo_loss(logps_fn, policy, reference, batch):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_lora_reference_equals_frozen_copy(scan_layers):
-    config = tiny.config(scan_layers=scan_layers)
+    config = tiny.config(scan_layers=scan_layers, num_layers=2)  # scan over >1 layer
     graphdef, base, rest = nnx.split(Transformer(config, rngs=nnx.Rngs(3)), nnx.Param, ...)
     lcfg = lora_lib.LoraConfig(rank=2, alpha=4.0)
     adapters = lora_lib.init_adapters(base, lcfg, jax.random.key(0))
