@@ -40,7 +40,7 @@ def expected_calibration_error(probs_n, labels_n, num_bins: int = 10) -> float:
 
 
 def symmetric_predictions(r_w_p, r_l_p) -> tuple[np.ndarray, np.ndarray]:
-    """`(probs_n, labels_n)`, n = 2p: each pair as (sigma(r_w - r_l), 1) and (sigma(r_l - r_w), 0)."""
+    """`(probs_n, labels_n)`, n = 2p: pairs as (s(r_w - r_l), 1) and (s(r_l - r_w), 0)."""
     diff_p = np.asarray(r_w_p, np.float64) - np.asarray(r_l_p, np.float64)
     probs_p = 1.0 / (1.0 + np.exp(-diff_p))
     probs_n = np.concatenate([probs_p, 1.0 - probs_p])
@@ -49,7 +49,7 @@ def symmetric_predictions(r_w_p, r_l_p) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_report(r_w_p, r_l_p, num_bins: int = 10) -> dict:
-    """Accuracy, ECE, mean margin and the reliability bins of a reward model on pairs (JSON-able)."""
+    """Accuracy, ECE, mean margin and reliability bins of a reward model on pairs (JSON-able)."""
     probs_n, labels_n = symmetric_predictions(r_w_p, r_l_p)
     bins = reliability_bins(probs_n, labels_n, num_bins)
     clean = lambda x: [None if np.isnan(v) else float(v) for v in x]  # noqa: E731

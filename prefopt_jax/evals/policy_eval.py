@@ -104,7 +104,7 @@ def write_json(result: dict, path: str) -> None:
 
 def implicit_vs_explicit(policy, ref, rm, tokenizer, heldout: str, shifted: str | None = None,
                          beta: float = 0.1, max_length: int | None = 512) -> dict:
-    """Implicit (`b D`) and explicit reward accuracy on held-out pairs, in-distribution and shifted."""
+    """Implicit (`b D`) and explicit reward accuracy on held-out pairs: in-distribution, shifted."""
     sets = {"in_distribution": heldout, "shifted": shifted}
     out = {"beta": beta}
     for name, source in sets.items():

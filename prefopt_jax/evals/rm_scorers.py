@@ -27,7 +27,7 @@ def reward_model_scorer(rm) -> scorers.RewardModelScorer:
 
 def ensemble(members: Sequence, aggregate: str = "mean", lam: float = 0.5
              ) -> scorers.EnsembleScorer:
-    """Reward models (or any scorers) aggregated by `mean`, `wco` or `uwo` (lam: 0.5 BoN, 0.1 PPO)."""
+    """Reward models (or scorers) aggregated by `mean`, `wco` or `uwo` (lam 0.5 BoN, 0.1 PPO)."""
     members = [m if callable(m) and not hasattr(m, "trunk") else reward_model_scorer(m)
                for m in members]
     return scorers.EnsembleScorer(members, aggregate, lam)
@@ -69,7 +69,8 @@ class PARScorer:
 def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0.5) -> Callable:
     """A scorer from a command-line spec.
 
-    `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean token id: tiny smoke runs),
+    `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean
+    token id: tiny smoke runs),
     `rm:DIR` (a reward model written by `train.reward_model.save`) or
     `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`).
     """

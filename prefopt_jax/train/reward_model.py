@@ -128,7 +128,7 @@ def rm_step(setup: RMSetup, state: TrainState, batch_m):
 
 
 def split_reward_model(rm: RewardModel, lora: lora_lib.LoraConfig | None, seed: int):
-    """(graphdef, trainable, base, rest): LoRA adapters on the trunk plus the head, or all Params."""
+    """(graphdef, trainable, base, rest): trunk LoRA adapters plus the head, or all Params."""
     graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
     if lora is None:
         return graphdef, params, None, rest
