@@ -24,6 +24,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -122,8 +123,7 @@ def rm_step(setup: RMSetup, state: TrainState, batch_m):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (grads, metrics), _ = jax.lax.scan(body, zeros, batch_m)
     params, opt_state = step_lib.apply_gradients(setup, state, grads)
-    metrics = dict(metrics, grad_norm=(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in
-                                                    jax.tree.leaves(grads))), jnp.float32(1.0)))
+    metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
