@@ -65,7 +65,8 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     from prefopt_jax.train import build, loop, optim
     from prefopt_jax.train.reference import ReferenceConfig
 
-    model, _ = loop.load_model(loop.ModelSpec(source=args.model))
+    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat})
+    model, _ = loop.load_model(spec)
     data = make_data(model, args)
     loader = Loader(data, args.examples, LayoutConfig(kind=layout), shuffle=False)
     shape = loop.agreed_shape(loader, args.steps + 1)  # one shape: compile once, time all
@@ -130,6 +131,7 @@ def bench_trl(mode: str, args) -> dict:
         peft = peft_lib.LoraConfig(r=args.lora_rank, target_modules="all-linear")
     config = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=args.examples,
                            max_steps=args.steps + 1, learning_rate=1e-6, use_cpu=True,
+                           gradient_checkpointing=args.remat != "none",
                            report_to=[], save_strategy="no", logging_steps=1,
                            max_length=args.max_length, dataset_num_proc=1)
     timer = StepTimer()
@@ -177,6 +179,8 @@ def main() -> None:
     p.add_argument("--completion-median", type=float, default=100)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--remat", default="none", help="model remat policy (and TRL gradient "
+                   "checkpointing when not none)")
     p.add_argument("--layouts", default="padded,packed,prefix")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--frameworks", default="prefopt,trl")
