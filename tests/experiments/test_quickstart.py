@@ -24,10 +24,10 @@ def load_run_module():
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(request):
-    """SmolLM2's tokenizer saved as a HF directory once (converting it from GGUF takes ~20 s)."""
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer saved as a HF directory once per session (converting it takes ~20 s)."""
     pytest.importorskip("transformers")
-    path = request.config.cache.mkdir("smollm2_tokenizer")
+    path = tmp_path_factory.mktemp("smollm2_tokenizer")
     if not (path / "tokenizer.json").exists():
         import sys
         sys.path.insert(0, str(ROOT / "experiments" / "quickstart"))
