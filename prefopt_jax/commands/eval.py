@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from prefopt_jax.commands.train import accept_gin_flags
+
 IVE = "implicit-vs-explicit"
 
 
@@ -31,17 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--beta", type=float, default=0.1, help=f"{IVE}: implicit-reward beta")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--out", default=None, help="JSON output path")
-    p.set_defaults(func=run, gin_bindings=[])
-    parse_known = p.parse_known_args
-
-    def parse_with_gin(arg_strings=None, namespace=None):
-        from prefopt_jax.commands.train import split_gin_args
-        rest, bindings = split_gin_args(list(arg_strings or []))
-        namespace, extra = parse_known(rest, namespace)
-        namespace.gin_bindings = bindings
-        return namespace, extra
-
-    p.parse_known_args = parse_with_gin
+    p.set_defaults(func=run)
+    accept_gin_flags(p)
 
 
 # The evaluation reads the training config's own specs.

@@ -19,9 +19,17 @@ def register(subparsers) -> None:
                             if "PREFOPT_PROCESS_ID" in os.environ else None))
     p.add_argument("--cpu-collectives", default=os.environ.get("PREFOPT_CPU_COLLECTIVES"),
                    help="e.g. gloo, for multi-process runs on CPU")
-    p.set_defaults(func=run, gin_bindings=[])
-    # `--gin.NAME=VALUE` cannot be declared to argparse; peel them off before it parses.
-    parse_known = p.parse_known_args
+    p.set_defaults(func=run)
+    accept_gin_flags(p)
+
+
+def accept_gin_flags(parser) -> None:
+    """Makes `parser` collect `--gin.NAME=VALUE` flags into `args.gin_bindings`.
+
+    Such flags cannot be declared to argparse, so they are peeled off before it parses.
+    """
+    parser.set_defaults(gin_bindings=[])
+    parse_known = parser.parse_known_args
 
     def parse_with_gin(arg_strings=None, namespace=None):
         rest, bindings = split_gin_args(list(arg_strings or []))
@@ -29,7 +37,7 @@ def register(subparsers) -> None:
         namespace.gin_bindings = bindings
         return namespace, extra
 
-    p.parse_known_args = parse_with_gin
+    parser.parse_known_args = parse_with_gin
 
 
 def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
