@@ -20,13 +20,13 @@ def load_tokenizer(source):
         return source
     from transformers import AutoTokenizer
 
+    from prefopt_jax.models.tokenizer import load_gguf_tokenizer
+
     source = os.fspath(source)
     if source.lower() in BUILTIN_GGUF:
-        directory, filename = builtin_gguf(source.lower())
-        return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        return load_gguf_tokenizer(os.path.join(*builtin_gguf(source.lower())))
     if source.endswith(".gguf"):
-        directory, filename = os.path.split(os.path.abspath(source))
-        return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        return load_gguf_tokenizer(source)
     return AutoTokenizer.from_pretrained(source)
 
 
