@@ -311,6 +311,18 @@ def finish_loss(loss_x: Array, valid_x: Array, weight_x: Array | None) -> Array:
     return jnp.where(f32(valid_x) > 0, loss_x, 0.0)
 
 
+def reward_metrics(reward_w_p: Array, reward_l_p: Array, valid_p: Array) -> Metrics:
+    """Chosen/rejected reward, margin and accuracy metrics of a batch of pairs (no gradient)."""
+    reward_w_p = jax.lax.stop_gradient(reward_w_p)
+    reward_l_p = jax.lax.stop_gradient(reward_l_p)
+    return {
+        "rewards/chosen": metric(reward_w_p, valid_p),
+        "rewards/rejected": metric(reward_l_p, valid_p),
+        "rewards/margin": metric(reward_w_p - reward_l_p, valid_p),
+        "rewards/accuracy": metric((reward_w_p > reward_l_p).astype(jnp.float32), valid_p),
+    }
+
+
 def pair_output(loss_p: Array, inputs: PairwiseInputs, seq: PairLogps, reward_w_p: Array,
                 reward_l_p: Array, state: Any = None, extra: Metrics | None = None) -> LossOutput:
     """LossOutput for a pairwise loss with the standard reward / log-prob metrics."""
@@ -320,10 +332,7 @@ def pair_output(loss_p: Array, inputs: PairwiseInputs, seq: PairLogps, reward_w_
     reward_l_p = jax.lax.stop_gradient(reward_l_p)
     metrics = {
         "loss": metric(loss_p, valid_p),
-        "rewards/chosen": metric(reward_w_p, valid_p),
-        "rewards/rejected": metric(reward_l_p, valid_p),
-        "rewards/margin": metric(reward_w_p - reward_l_p, valid_p),
-        "rewards/accuracy": metric((reward_w_p > reward_l_p).astype(jnp.float32), valid_p),
+        **reward_metrics(reward_w_p, reward_l_p, valid_p),
         "logps/chosen": metric(jax.lax.stop_gradient(seq.pol_w_p), valid_p),
         "logps/rejected": metric(jax.lax.stop_gradient(seq.pol_l_p), valid_p),
     }

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from prefopt_jax.losses.base import (Array, LossOutput, RewardPairInputs, f32, finish_loss,
-                                     metric, ones_like_lead, seq_reduce)
+                                     metric, ones_like_lead, reward_metrics, seq_reduce)
 from prefopt_jax.losses.registry import register
 
 
@@ -27,14 +27,7 @@ def bradley_terry(inputs: RewardPairInputs, state: Any = None, *,
     loss_p = -jax.nn.log_sigmoid(r_w - r_l - margin_p) + center_coef * jnp.square(r_w + r_l)
     valid_p = ones_like_lead(r_w, inputs.valid_p)
     loss_p = finish_loss(loss_p, valid_p, inputs.weight_p)
-    r_w, r_l = jax.lax.stop_gradient(r_w), jax.lax.stop_gradient(r_l)
-    metrics = {
-        "loss": metric(loss_p, valid_p),
-        "rewards/chosen": metric(r_w, valid_p),
-        "rewards/rejected": metric(r_l, valid_p),
-        "rewards/margin": metric(r_w - r_l, valid_p),
-        "rewards/accuracy": metric((r_w > r_l).astype(jnp.float32), valid_p),
-    }
+    metrics = {"loss": metric(loss_p, valid_p), **reward_metrics(r_w, r_l, valid_p)}
     return LossOutput(loss_p=loss_p, metrics=metrics, state=state)
 
 
