@@ -60,8 +60,6 @@ def init_distributed(args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import gin
-
     from prefopt_jax import registry
 
     registry.parse(args.config, args.gin_bindings)
