@@ -54,12 +54,32 @@ class RewardModel(nnx.Module):
         return self._read(hidden_rld.reshape(r * l, d), batch)
 
     def _read(self, hidden_nd, batch) -> jax.Array:
-        # The source of token c >= 1 is token c - 1 of the same reply, so the last token sits
-        # one past its source in every layout (a 1-token reply under prefix sharing excepted).
-        last_q = last_index(batch["completion_mask"])
-        source_q = jnp.take_along_axis(batch["source_index"], last_q[:, None], axis=1)[:, 0]
-        hidden_q1d = hidden_nd[source_q + 1][:, None]
+        index_q = last_token_index(batch["source_index"], batch["completion_mask"])
+        hidden_q1d = hidden_nd[index_q][:, None]
         return self.head(hidden_q1d, index_b=jnp.zeros(hidden_q1d.shape[0], jnp.int32))
+
+
+def last_token_index(source_index_qc, completion_mask_qc) -> jax.Array:
+    """Flat index `r * L + t` `[Q]` of each sequence's last completion token, in any layout.
+
+    The batch names only the *source* of each token (the position predicting it). Token c >= 1
+    sits one past its source (token c - 1 of the same reply). Token 0 does too when the prompt
+    has its own copy (padded, packed), but under prefix sharing every reply of an example has
+    the shared prompt's last token as source, and the replies follow the prompt one after
+    another in sequence order (data.layout, train.tiny): a 1-token reply's token sits past the
+    earlier replies of its example, not right after the prompt. Replies of one example are
+    recognised by their common first source; empty and filler sequences have length 0.
+    """
+    mask_qc = jnp.asarray(completion_mask_qc) > 0
+    source_index_qc = jnp.asarray(source_index_qc, jnp.int32)
+    last_q = last_index(mask_qc)
+    source_last_q = jnp.take_along_axis(source_index_qc, last_q[:, None], axis=1)[:, 0]
+    first_q = source_index_qc[:, 0]
+    length_q = mask_qc.sum(axis=1).astype(jnp.int32)
+    order_q = jnp.arange(first_q.shape[0])
+    earlier_qq = (first_q[:, None] == first_q[None, :]) & (order_q[None, :] < order_q[:, None])
+    start_q = first_q + 1 + jnp.sum(jnp.where(earlier_qq, length_q[None, :], 0), axis=1)
+    return jnp.where(last_q >= 1, source_last_q + 1, start_q)
 
 
 def new_reward_model(trunk: nnx.Module, init_scale: float = 0.1, seed: int = 0) -> RewardModel:

@@ -54,6 +54,49 @@ def test_scores_do_not_depend_on_layout(trained):
     np.testing.assert_allclose(padded, packed, atol=1e-4)
 
 
+def one_token_pairs():
+    """Pairs whose chosen, rejected or both replies are a single token (and a longer control)."""
+    prompts = [[11, 12, 13], [14, 15], [16, 17, 18, 19], [20, 21, 22]]
+    completions = [[30], [31, 32, 33], [34, 35], [36], [37], [38], [39, 40], [41, 42, 43]]
+    return from_lists("paired", 2, prompts, completions, np.arange(4), {})
+
+
+def alone_scores(rm, data):
+    """Each sequence scored by itself: one unpadded row, read at its last token."""
+    out = []
+    for i in range(len(data)):
+        for j in range(2):
+            tokens = np.concatenate([data.prompt(i), data.completion(i, j)])[None]
+            hidden = rm.trunk(tokens, np.arange(tokens.shape[1])[None], return_hidden=True)
+            out.append(float(rm.head(hidden, index_b=np.array([tokens.shape[1] - 1]))[0]))
+    return np.array(out).reshape(-1, 2).T
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "prefix"])
+def test_last_token_index_points_at_each_last_reply_token(kind):
+    batch = tiny.batch(kind, seed=3, n_pairs=6)
+    lengths = batch["completion_mask"].sum(1).astype(int)
+    assert (lengths == 1).any()
+    index_q = np.asarray(rm_lib.last_token_index(batch["source_index"], batch["completion_mask"]))
+    row_q, col_q = np.divmod(index_q, batch["tokens"].shape[1])
+    np.testing.assert_array_equal(batch["tokens"][row_q, col_q],
+                                  batch["target_tokens"][np.arange(len(lengths)), lengths - 1])
+    # Each reply's own token: with RoPE positions, the last token's position is prompt + length.
+    src_row, src_col = np.divmod(batch["source_index"][:, 0], batch["tokens"].shape[1])
+    np.testing.assert_array_equal(batch["positions"][row_q, col_q],
+                                  batch["positions"][src_row, src_col] + lengths)
+
+
+@pytest.mark.parametrize("kind", data_lib.LAYOUTS)
+def test_one_token_replies_score_as_if_alone_in_every_layout(kind):
+    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()), init_scale=1.0)
+    data = one_token_pairs()
+    expect = alone_scores(rm, data)
+    assert np.ptp(expect) > 1e-3
+    got = rm_lib.score_pairs(rm, data, 4, data_lib.LayoutConfig(kind=kind))
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
 def test_save_load_round_trip(trained, tmp_path):
     rm, _ = trained
     rm_lib.save(rm, str(tmp_path))
