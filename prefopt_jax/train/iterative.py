@@ -11,11 +11,18 @@ section 5:
 - reference `previous`: before each iteration the reference becomes the current policy
   (`train.reference.refresh`), so iteration t trains pi_{t+1} against pi_t (online DPO, SPPO,
   DNO); `initial` keeps the starting reference throughout.
-- APO: after iteration t the trained parameters `thetahat_{t+1}` are extrapolated,
+- APO: after iteration t the trained policy `thetahat_{t+1}` is extrapolated,
   `theta_{t+1} = thetahat_{t+1} + a (thetahat_{t+1} - thetahat_t)` (a = 0.3; `thetahat_0` is
-  the initial policy). Under LoRA the momentum acts on the adapters (the trainable params).
-
-The optimiser state carries over between iterations.
+  the initial policy), exactly, in the merged weights (`apo_extrapolate`). Under LoRA the
+  extrapolated delta `(1 + a) s A'B' - a s AB` has rank up to 2r, which adapters cannot hold,
+  and extrapolating A and B separately would give `s (A' + a dA)(B' + a dB)`, a different point;
+  so the momentum term `a (thetahat_{t+1} - thetahat_t)` is folded into the frozen base weights
+  and the adapters keep training from where they stopped. The base then is no longer the
+  initial model, so APO under LoRA refuses reference kind `lora` (base as reference).
+- Optimiser: each iteration starts from a fresh optimiser state, so the learning-rate schedule
+  restarts and spans `OptimConfig.total_steps` (set it to `steps_per_iteration`), as in the
+  iterative DPO and SPPO recipes; `reset_optimizer=False` carries moments and schedule over.
+  `TrainState.step` counts all steps of the run either way.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.sampling.generate import SamplingConfig
 from prefopt_jax.train import build, loop as loop_lib, reference
 from prefopt_jax.train.metrics import means
-from prefopt_jax.train.state import policy_params
+from prefopt_jax.train.state import policy_params, to_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,8 @@ class IterativeConfig:
       win_probs: add SPPO's win-probability extras; `win_scale` None = hard counts, else
         Bradley-Terry `sigma(scale (r_i - r_j))`.
       batch_size: pairs per step.
+      reset_optimizer: a fresh optimiser state (moments and schedule step) at the start of
+        every iteration; False carries the last iteration's state over.
     """
 
     iterations: int = 2
@@ -70,6 +79,7 @@ class IterativeConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     stop_ids: tuple = ()
+    reset_optimizer: bool = True
 
     def __post_init__(self):
         if self.reference not in ("previous", "initial"):
@@ -133,13 +143,58 @@ def probe_setup(setup, batch_m):
     return dataclasses.replace(setup, loss_fn=with_extras)
 
 
+def apo_extrapolate(setup, state, prev_hat, a: float):
+    """(state at `theta_{t+1}`, `thetahat_{t+1}`): APO's step on the merged policy weights.
+
+    `prev_hat` is `thetahat_t`, full policy Params. Without LoRA the trained params move to
+    `nesterov(hat, prev_hat, a)`; under LoRA the base absorbs `a (hat - prev_hat)` (zero on
+    kernels without adapters) so that base + s A B is exactly that point.
+    """
+    hat = _copy(policy_params(setup, state))
+    if setup.lora is None:
+        return state.replace(params=nesterov(state.params, prev_hat, a)), hat
+
+    def shift(b, h, p):
+        b32, h32, p32 = (x.astype(jnp.float32) for x in (b, h, p))
+        return (b32 + a * (h32 - p32)).astype(b.dtype)
+
+    return state.replace(base=jax.tree.map(shift, state.base, hat, prev_hat)), hat
+
+
+def fresh_optimizer(setup, state, mesh):
+    """`state` with the optimiser state of a fresh `setup.tx.init`, sharded like the old one."""
+    def init(params):
+        return setup.tx.init(to_f32(params) if setup.fp32_state else params)
+
+    shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+    with jax.set_mesh(mesh):
+        return state.replace(opt_state=jax.jit(init, out_shardings=shardings)(state.params))
+
+
+def next_round(setup, state, config: IterativeConfig, mesh):
+    """The state an iteration after the first starts from: reference and optimiser renewed."""
+    if config.reference == "previous":
+        state = reference.refresh(state, policy_params(setup, state))
+    if config.reset_optimizer:
+        state = fresh_optimizer(setup, state, mesh)
+    return state
+
+
+def check_run(algo: build.AlgoConfig, config: IterativeConfig, lora) -> None:
+    """Refuse reference settings the loop cannot honour."""
+    if config.reference == "previous" and algo.reference.kind not in ("frozen", "previous"):
+        raise ValueError("a previous-iterate reference is kept in the state: use "
+                         f"ReferenceConfig.kind 'previous' (got {algo.reference.kind!r})")
+    if config.momentum and lora is not None and algo.reference.kind == "lora":
+        raise ValueError("APO momentum under LoRA moves the base weights, which reference kind "
+                         "'lora' uses as the reference; use kind 'frozen' or 'previous'")
+
+
 def run(model, prompts: Sequence[Sequence[int]], scorer: Callable, algo: build.AlgoConfig,
         optim_config, config: IterativeConfig, *, lora=None, mesh=None, seed: int = 0,
         pad_id: int = 0, micro_batches: int = 1, callback: Callable | None = None):
     """The loop; returns (setup, state, history). `callback(t, setup, state)` after each round."""
-    if config.reference == "previous" and algo.reference.kind not in ("frozen", "previous"):
-        raise ValueError("a previous-iterate reference is kept in the state: use "
-                         f"ReferenceConfig.kind 'previous' (got {algo.reference.kind!r})")
+    check_run(algo, config, lora)
     mesh = mesh or sharding_lib.make_mesh((1, 1, 1))
     graphdef, params, base, rest = build.split_model(model, lora, seed)
     setup = build.make_setup(graphdef, algo, optim_config, lora)
@@ -156,9 +211,9 @@ def run(model, prompts: Sequence[Sequence[int]], scorer: Callable, algo: build.A
         if abstract is None:
             state, abstract = build.place_state(probe_setup(setup, probe), params, base, rest,
                                                 probe, mesh, seed)
-            prev_hat = _copy(state.params)
-        elif config.reference == "previous":
-            state = reference.refresh(state, policy_params(setup, state))
+            prev_hat = _copy(policy_params(setup, state)) if config.momentum else None
+        else:
+            state = next_round(setup, state, config, mesh)
         step_fn, _, batch_sh = build.step_lib.compile_train_step(setup, abstract, probe, mesh)
         with jax.set_mesh(mesh):
             for _ in range(config.steps_per_iteration):
@@ -166,9 +221,7 @@ def run(model, prompts: Sequence[Sequence[int]], scorer: Callable, algo: build.A
                 state, metrics = step_fn(state, loop_lib.to_global(batch_m, batch_sh))
         values = means(metrics)
         if config.momentum:
-            hat = _copy(state.params)
-            state = state.replace(params=nesterov(state.params, prev_hat, config.momentum))
-            prev_hat = hat
+            state, prev_hat = apo_extrapolate(setup, state, prev_hat, config.momentum)
         history.append(dict(values, iteration=t, pairs=len(data), sample_score=mean_score))
         if callback is not None:
             callback(t, setup, state)
