@@ -114,11 +114,19 @@ def lora_delta(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
 
 
 def apply_lora(base_state: nnx.State, adapters: dict, scale: float) -> nnx.State:
-    """Base state with `W + scale * A @ B` on every adapted kernel (pure; base untouched)."""
+    """Base state with `W + scale * A @ B` on every adapted kernel (pure; base untouched).
+
+    Every Variable of the result is new, the unadapted ones too: `nnx.merge` puts the state's
+    Variable objects into the module, and nnx.remat / nnx.scan refuse (TraceContextError) to
+    split or update a Variable created at an outer trace level, which the base's are when this
+    runs inside a grad or a scan over micro-batches.
+    """
     items = []
     for path, var in nnx.to_flat_state(base_state):
         ad = adapters.get(path_key(path))
-        if ad is not None:
+        if ad is None:
+            var = var.copy()
+        else:
             w = var.get_value()
             a, b = ad["a"], ad["b"]
             a = a.get_value() if isinstance(a, nnx.Variable) else a
