@@ -20,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -521,13 +524,41 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
 
 
 def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write config.json + model.safetensors (and the tokenizer, if given) in HF format."""
+    """Write config.json + model.safetensors (and the tokenizer, if given) in HF format.
+
+    The files are written into a temporary directory beside ``directory``, which is then renamed
+    to ``directory`` when that does not exist or is empty, so a killed export never leaves a
+    half-written model. Into an existing directory the files are moved one by one (each
+    replacement atomic, config.json last); other files there are kept. Parameters must be
+    addressable from this process (gather arrays sharded over hosts first).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp) so the directory gets the usual umask permissions, not 0700.
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        _write_pretrained(model, tmp, tokenizer)
+        _move_into(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Rename directory ``src`` to ``dst``, or its files into a non-empty ``dst``."""
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
+        os.replace(src, dst)
+        return
+    for path in sorted(src.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(path, dst / path.name)
+
+
+def _write_pretrained(model: Transformer, directory: Path, tokenizer: Any) -> None:
     from safetensors.flax import save_file
 
     config = model.config
     hf_config = config_to_hf(config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if config.scan_layers:
         params = _unstack_layers(params, config.num_layers)
@@ -541,4 +572,3 @@ def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = 
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-    return directory
