@@ -11,7 +11,6 @@ produces exactly the metrics an uninterrupted run produces.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 from typing import Any
@@ -231,12 +230,41 @@ def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
                ref_cache)
 
 
+def to_host(tree):
+    """Every array leaf as a whole numpy array on this host (gathered when sharded over hosts).
+
+    Call on every process: gathering arrays that span processes is a collective.
+    """
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
+
+
 def export(run: Run, directory: str) -> str:
-    """The policy (LoRA merged) in Hugging Face format."""
+    """The policy (LoRA merged) in Hugging Face format, written by process 0.
+
+    Call on every process: parameters sharded over hosts are gathered first, and all processes
+    leave together once the export is complete.
+    """
     from prefopt_jax.models import save_pretrained
-    params = jax.device_get(policy_params(run.setup, run.state))
-    model = nnx.merge(run.setup.graphdef, params, jax.device_get(run.state.rest))
-    return str(save_pretrained(model, directory, run.tokenizer))
+    state = run.state.replace(params=to_host(run.state.params), base=to_host(run.state.base))
+    model = nnx.merge(run.setup.graphdef, policy_params(run.setup, state),
+                      to_host(run.state.rest))
+    if jax.process_index() == 0:
+        save_pretrained(model, directory, run.tokenizer)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("export: " + directory)
+    return str(directory)
 
 
 def run_steps(run: Run, data_spec: DataSpec, loop: LoopConfig, ckpt: Checkpointer,
@@ -251,7 +279,8 @@ def run_steps(run: Run, data_spec: DataSpec, loop: LoopConfig, ckpt: Checkpointe
                 run.state = reference.refresh(run.state, policy_params(run.setup, run.state))
             values = means(metrics)
             check_finite(step, values, batch_m, ckpt.latest_step())
-            tokens += float(np.sum(batch_m["completion_mask"]))
+            # The global batch's tokens (the step's sum over every host), not this host's.
+            tokens += float(jax.device_get(metrics["tokens"][0]))
             writer.write(step, values)
             if step % loop.log_every == 0:
                 writer.progress(step, values, tokens)
@@ -282,6 +311,6 @@ def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
         # Also on a non-finite stop: pending asynchronous saves finish before the error leaves.
         ckpt.close()
         writer.close()
-    if loop.export and not stop.requested and jax.process_index() == 0:
+    if loop.export and not stop.requested:
         export(run, os.path.join(loop.output_dir, "export"))
     return values

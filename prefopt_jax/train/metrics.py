@@ -57,13 +57,16 @@ class MetricsWriter:
             self.tb.add_scalar(name, value, step)
 
     def progress(self, step: int, values: dict[str, float], tokens: float) -> str:
-        """Step, loss, reward accuracy, tokens/s and ETA as one line (printed by process 0)."""
+        """Step, loss, reward accuracy, tokens, tokens/s and ETA as one line (process 0 prints).
+
+        `tokens`: completion tokens trained on since this run (re)started, over all hosts.
+        """
         elapsed = max(time.time() - self.t0, 1e-9)
         done = max(step - self.start, 1)
         eta = elapsed / done * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
                 f"acc {values.get('rewards/accuracy', float('nan')):.3f} "
-                f"tok/s {tokens / elapsed:.0f} eta {eta:.0f}s")
+                f"tokens {tokens:.0f} tok/s {tokens / elapsed:.0f} eta {eta:.0f}s")
         if self.active:
             print(line, flush=True)
         return line

@@ -1,13 +1,15 @@
 """Two `prefopt train` processes over gloo on 127.0.0.1 equal one process with the same batch.
 
 Each process owns one CPU device and reads its own half of the examples; the one-process run
-has two devices, so both runs use the same (2, 1, 1) mesh and global batch. Every step sees the
-whole data set in the same order (no shuffle: host 0 holds the first half), so both runs
-see identical global batches.
+has two devices, so both runs use the same mesh and global batch. Every step sees the whole
+data set in the same order (no shuffle: host 0 holds the first half), so both runs see
+identical global batches. The main run shards the parameters over the two processes (fsdp), so
+the Hugging Face export must gather them; the precomputed-reference runs are data parallel.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,27 +43,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_two(out_dir, *extra):
+    """Both processes of a two-process run, started (not waited for)."""
+    port = free_port()
+    return [subprocess.Popen(
+        command(out_dir, f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
+                f"--process-id={i}", "--cpu-collectives=gloo", *extra),
+        cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)]
+
+
+def wait_two(procs) -> list[str]:
+    """Each process's output, once both succeeded."""
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out.decode()[-4000:]
+        outs.append(out.decode())
+    return outs
+
+
+def run_one(out_dir, *extra) -> str:
+    one = subprocess.run(command(out_dir, *extra), cwd=ROOT, env=env(2), capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stdout + one.stderr
+    return one.stdout
+
+
 def records(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_over_gloo_equal_one(tmp_path):
-    port = free_port()
-    procs = [subprocess.Popen(
-        command(tmp_path / "two", f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
-                f"--process-id={i}", "--cpu-collectives=gloo"),
-        cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for i in range(2)]
-    one = subprocess.run(command(tmp_path / "one"), cwd=ROOT, env=env(2), capture_output=True,
-                         text=True)
-    assert one.returncode == 0, one.stdout + one.stderr
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out.decode()[-4000:]
-    two, single = records(tmp_path / "two"), records(tmp_path / "one")
+def progress_tokens(output: str) -> list[int]:
+    """The cumulative token counts of the progress lines."""
+    return [int(t) for t in re.findall(r"^step \d+/\d+ .* tokens (\d+) tok/s", output, re.M)]
+
+
+def assert_same_metrics(two, single):
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     for key in ("loss", "rewards/accuracy", "grad_norm", "tokens"):
         np.testing.assert_allclose([r[key] for r in two], [r[key] for r in single], rtol=1e-5,
                                    err_msg=key)
+
+
+def test_two_processes_over_gloo_equal_one(tmp_path):
+    """Metrics, global token counts and the gathered HF export of fsdp over two hosts."""
+    from safetensors.numpy import load_file
+
+    extra = ("--gin.LoopConfig.mesh_shape=(1, 2, 1)", "--gin.LoopConfig.export=True")
+    procs = start_two(tmp_path / "two", *extra)
+    one_out = run_one(tmp_path / "one", *extra)
+    outs = wait_two(procs)
+    two, single = records(tmp_path / "two"), records(tmp_path / "one")
+    assert_same_metrics(two, single)
     assert two[-1]["loss"] < two[0]["loss"] - 1e-3  # the runs really trained
+    # tok/s counts every host's tokens: process 0's progress equals the one-process run's.
+    assert progress_tokens(outs[0]) == progress_tokens(one_out)
+    assert progress_tokens(one_out) == list(np.cumsum([round(r["tokens"]) for r in single]))
+    got, want = (load_file(str(tmp_path / d / "export" / "model.safetensors"))
+                 for d in ("two", "one"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+def test_precomputed_reference_over_two_processes(tmp_path):
+    """One cache file, written by process 0 alone, equals one process and is reused."""
+    cache = tmp_path / "cache"
+
+    def precomputed(cache_dir):
+        return ("--gin.ReferenceConfig.kind='precomputed'",
+                f"--gin.ReferenceConfig.cache_dir='{cache_dir}'")
+
+    procs = start_two(tmp_path / "two", *precomputed(cache))
+    run_one(tmp_path / "one", *precomputed(tmp_path / "cache_one"))
+    first = wait_two(procs)
+    assert_same_metrics(records(tmp_path / "two"), records(tmp_path / "one"))
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].endswith(".npz"), files  # one key, no temporary files
+    path = str(cache / files[0])
+    for out in first:
+        assert f"cache miss {path}" in out
+    assert f"wrote {path}" in first[0] and "wrote" not in first[1]
+    stat = os.stat(path)
+    second = wait_two(start_two(tmp_path / "again", *precomputed(cache)))
+    for out in second:
+        assert f"cache hit {path}" in out and "cache miss" not in out and "wrote" not in out
+    assert os.listdir(cache) == files and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    np.testing.assert_array_equal([r["loss"] for r in records(tmp_path / "again")],
+                                  [r["loss"] for r in records(tmp_path / "two")])
