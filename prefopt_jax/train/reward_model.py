@@ -11,6 +11,11 @@ signature of `loop.train`, so gin dispatches to it with `train.trainer = @train_
 
 Under LoRA the trainable pytree is `{"lora": adapters, "head": head Params}`: the trunk's base
 weights stay frozen (`TrainState.base`) and the head always trains.
+
+Checkpoints are the policy loop's (`train.checkpoint`): the whole `TrainState` (params,
+optimiser, step, RNG) and the loader position, every `LoopConfig.checkpoint_every` steps, at the
+last step and on SIGTERM, keeping `keep_checkpoints`. Re-running the same command resumes from
+the newest one and logs exactly the metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import gin
 import jax
@@ -36,6 +41,7 @@ from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.models.heads import RewardHead, last_index
 from prefopt_jax.train import build, loop as loop_lib, optim
 from prefopt_jax.train import step as step_lib
+from prefopt_jax.train.checkpoint import Checkpointer
 from prefopt_jax.train.metrics import MetricsWriter, means
 from prefopt_jax.train.state import TrainState, to_f32, tree_shardings
 
@@ -157,9 +163,20 @@ def split_reward_model(rm: RewardModel, lora: lora_lib.LoraConfig | None, seed: 
     return graphdef, {"lora": adapters, "head": params["head"]}, params, rest
 
 
+class BuiltRM(NamedTuple):
+    """What `build_rm` returns: the static setup, the sharded state, the jitted step."""
+
+    setup: RMSetup
+    state: TrainState
+    step_fn: Any
+    batch_sh: dict
+    abstract: Any
+    state_sh: Any
+
+
 def build_rm(rm: RewardModel, algo: build.AlgoConfig, optim_config: optim.OptimConfig, probe_m,
-             mesh, lora: lora_lib.LoraConfig | None = None, seed: int = 0):
-    """(setup, state, step_fn, batch_shardings): the sharded state and the jitted, donating step."""
+             mesh, lora: lora_lib.LoraConfig | None = None, seed: int = 0) -> BuiltRM:
+    """The sharded state, the jitted donating step, and the abstract state and its shardings."""
     info = losses.info(algo.loss)
     if info.kind != "reward":
         raise ValueError(f"reward models train on a reward objective (e.g. bradley_terry), "
@@ -184,7 +201,7 @@ def build_rm(rm: RewardModel, algo: build.AlgoConfig, optim_config: optim.OptimC
     step_fn = jax.jit(lambda s, b: rm_step(setup, s, b), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
                       donate_argnums=0)
-    return setup, state, step_fn, batch_sh
+    return BuiltRM(setup, state, step_fn, batch_sh, abstract, state_sh)
 
 
 def trained_model(setup: RMSetup, state: TrainState) -> RewardModel:
@@ -195,23 +212,50 @@ def trained_model(setup: RMSetup, state: TrainState) -> RewardModel:
 
 def fit(rm: RewardModel, loader: data_lib.Loader, algo: build.AlgoConfig,
         optim_config: optim.OptimConfig, steps: int, *, mesh=None, lora=None, micro_batches=1,
-        seed: int = 0, writer: MetricsWriter | None = None) -> tuple[RewardModel, dict]:
-    """Train `rm` for `steps` on `loader`'s pairs; returns (trained model, last metric means)."""
+        seed: int = 0, writer: MetricsWriter | None = None, ckpt: Checkpointer | None = None,
+        checkpoint_every: int = 0, stop=None) -> tuple[RewardModel, dict]:
+    """Train `rm` to `steps` on `loader`'s pairs; returns (trained model, last metric means).
+
+    With `ckpt`: first resume from its newest checkpoint (state, optimiser, step, RNG, loader
+    position), then save every `checkpoint_every` steps (0: never), at `steps` and when
+    `stop.requested` (a `loop.Stop`, set by SIGTERM), which also ends the run early.
+    """
     mesh = mesh or sharding_lib.make_mesh((1, 1, 1))
     probe = loop_lib.next_batch_m(loader, micro_batches)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
-    setup, state, step_fn, batch_sh = build_rm(rm, algo, optim_config, probe, mesh, lora, seed)
-    values = {}
+    built = build_rm(rm, algo, optim_config, probe, mesh, lora, seed)
+    state, first = built.state, 0
+    if ckpt is not None and ckpt.latest_step():
+        first = ckpt.latest_step()
+        state, data_state = ckpt.restore(first, built.abstract, built.state_sh)
+        loader.load_state_dict(data_state)
+    state, values = run_steps(built, state, loader, range(first + 1, steps + 1), micro_batches,
+                              mesh, writer, ckpt, checkpoint_every, stop)
+    return trained_model(built.setup, state), values
+
+
+def run_steps(built: BuiltRM, state, loader, steps, micro_batches, mesh, writer, ckpt,
+              checkpoint_every: int, stop) -> tuple[TrainState, dict]:
+    """Steps `steps` (1-based numbers): step, check, log, checkpoint; (state, last means)."""
+    values, tokens = {}, 0.0
     with jax.set_mesh(mesh):
-        for step in range(1, steps + 1):
+        for step in steps:
             batch_m = loop_lib.next_batch_m(loader, micro_batches)
-            state, metrics = step_fn(state, loop_lib.to_global(batch_m, batch_sh))
+            state, metrics = built.step_fn(state, loop_lib.to_global(batch_m, built.batch_sh))
             values = means(metrics)
-            loop_lib.check_finite(step, values, batch_m, None)
+            loop_lib.check_finite(step, values, batch_m, ckpt and ckpt.latest_step())
+            tokens += float(np.sum(batch_m["completion_mask"]))
             if writer is not None:
                 writer.write(step, values)
-                writer.progress(step, values, float(np.sum(batch_m["completion_mask"])))
-    return trained_model(setup, state), values
+                writer.progress(step, values, tokens)
+            stopping = stop is not None and stop.requested
+            due = checkpoint_every and (step % checkpoint_every == 0 or step == steps[-1])
+            if ckpt is not None and (due or stopping):
+                ckpt.save(step, state, loader.state_dict(), force=True)
+            if stopping:
+                print(f"SIGTERM: checkpointed step {step}; restart to resume", flush=True)
+                break
+    return state, values
 
 
 _scores = jax.jit(lambda graphdef, params, batch: nnx.merge(graphdef, params)(batch),
@@ -274,14 +318,20 @@ def train(model_spec, data_spec, algo, optim_config, loop_config, *, heldout: st
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     loader = loop_lib.make_loader(data_spec, tokenizer, loop_config.seed,
                                   trunk.config.vocab_size, shards)
-    writer = MetricsWriter(loop_config.output_dir, loop_config.steps)
+    ckpt = Checkpointer(os.path.join(loop_config.output_dir, "checkpoints"),
+                        loop_config.keep_checkpoints)
+    writer = MetricsWriter(loop_config.output_dir, loop_config.steps, ckpt.latest_step() or 0)
+    stop = loop_lib.Stop()
     try:
         rm, values = fit(rm, loader, algo, optim_config, loop_config.steps, mesh=mesh,
                          lora=model_spec.lora, micro_batches=data_spec.micro_batches,
-                         seed=loop_config.seed, writer=writer)
+                         seed=loop_config.seed, writer=writer, ckpt=ckpt,
+                         checkpoint_every=loop_config.checkpoint_every, stop=stop)
     finally:
+        # Also on a non-finite stop: pending asynchronous saves finish before the error leaves.
+        ckpt.close()
         writer.close()
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 or stop.requested:
         return values
     if loop_config.export:
         save(rm, os.path.join(loop_config.output_dir, "reward_model"), tokenizer)
