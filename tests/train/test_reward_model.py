@@ -97,6 +97,23 @@ def test_one_token_replies_score_as_if_alone_in_every_layout(kind):
     np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
+def test_search_scorer_agrees_on_one_token_replies():
+    """The best-of-N scorer (left-padded prompts, its own forward) reads the same tokens."""
+    from prefopt_jax.evals import rm_scorers
+    from prefopt_jax.sampling.scorers import Candidates
+
+    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()), init_scale=1.0)
+    data = one_token_pairs()
+    tokens, mask = np.zeros((4, 2, 3), np.int32), np.zeros((4, 2, 3), np.int32)
+    for i in range(4):
+        for j in range(2):
+            c = data.completion(i, j)
+            tokens[i, j, :len(c)], mask[i, j, :len(c)] = c, 1
+    cands = Candidates([list(data.prompt(i)) for i in range(4)], tokens, mask)
+    np.testing.assert_allclose(rm_scorers.reward_model_scorer(rm)(cands).T,
+                               alone_scores(rm, data), atol=1e-5)
+
+
 def test_save_load_round_trip(trained, tmp_path):
     rm, _ = trained
     rm_lib.save(rm, str(tmp_path))
