@@ -149,7 +149,9 @@ def rm_step(setup: RMSetup, state: TrainState, batch_m):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (grads, metrics), _ = jax.lax.scan(body, zeros, batch_m)
     params, opt_state = step_lib.apply_gradients(setup, state, grads)
-    metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
+    tokens = jnp.sum(batch_m["completion_mask"].astype(jnp.float32))  # every host's
+    metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)),
+                   tokens=(tokens, jnp.float32(1.0)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -244,7 +246,7 @@ def run_steps(built: BuiltRM, state, loader, steps, micro_batches, mesh, writer,
             state, metrics = built.step_fn(state, loop_lib.to_global(batch_m, built.batch_sh))
             values = means(metrics)
             loop_lib.check_finite(step, values, batch_m, ckpt and ckpt.latest_step())
-            tokens += float(np.sum(batch_m["completion_mask"]))
+            tokens += float(jax.device_get(metrics["tokens"][0]))  # the global batch's
             if writer is not None:
                 writer.write(step, values)
                 writer.progress(step, values, tokens)
