@@ -50,6 +50,9 @@ REFERENCE_FREE = frozenset({"slic", "sft", "simpo", "cpo", "orpo", "tpo", "tpo_l
                             "bradley_terry", "ensemble_mean", "wco", "uwo", "par"})
 # Objectives whose formula couples examples across the whole batch (sorts, batch means).
 BATCH_COUPLED = frozenset({"aot", "aot_unpaired", "kto", "bco", "bco_pair", "mpo"})
+# Objectives that read mismatched completions (the inputs' `kl_*` fields: example i+1's
+# completion under prompt i), unless the named hyperparameter is given in their place.
+MISMATCHED = {"kto": "z0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +64,19 @@ class LossInfo:
         "rollout" (from the annotation of its `inputs` parameter).
       needs_reference: whether reference log-probs enter the formula.
       batch_coupled: whether one example's loss depends on other examples of the batch.
+      mismatched_unless: the objective reads mismatched completions unless this hyperparameter
+        is set (not None); None when it never reads them.
     """
 
     kind: str
     needs_reference: bool
     batch_coupled: bool
+    mismatched_unless: str | None = None
+
+    def needs_mismatched(self, hyper) -> bool:
+        """Whether, with these hyperparameters, the engine must score mismatched completions."""
+        key = self.mismatched_unless
+        return key is not None and dict(hyper).get(key) is None
 
 
 _KINDS = {"PairwiseInputs": "pairwise", "UnpairedInputs": "unpaired",
@@ -85,7 +96,7 @@ def _inputs_kind(fn: Callable) -> str:
 
 
 def info(name: str) -> LossInfo:
-    """Kind, reference need and batch coupling of the objective registered as `name`."""
+    """Kind, reference need, batch coupling and mismatched inputs of the objective `name`."""
     fn = get(name)
     return LossInfo(kind=_inputs_kind(fn), needs_reference=name not in REFERENCE_FREE,
-                    batch_coupled=name in BATCH_COUPLED)
+                    batch_coupled=name in BATCH_COUPLED, mismatched_unless=MISMATCHED.get(name))

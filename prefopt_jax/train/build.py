@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from prefopt_jax import losses
 from prefopt_jax.models import lora as lora_lib
 from prefopt_jax.train import optim, reference, step as step_lib
-from prefopt_jax.train.state import StepSetup, TrainState, tree_shardings
+from prefopt_jax.train.state import StepSetup, tree_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +46,18 @@ def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
     if info.needs_reference and algo.reference.kind == "none":
         raise ValueError(f"objective {algo.loss!r} needs a reference; ReferenceConfig.kind is "
                          "'none' (use frozen, lora, precomputed or previous)")
+    ref = reference.Reference(algo.reference)
+    mismatched = info.needs_mismatched(algo.hyper)
+    if mismatched and not ref.scores_new_sequences:
+        raise ValueError(
+            f"objective {algo.loss!r} scores mismatched completions (prompt i, completion i+1) "
+            f"under the reference; the {ref.kind!r} reference cache holds only the data's own "
+            f"pairs. Use reference kind frozen or lora, or set {info.mismatched_unless!r} "
+            "explicitly in AlgoConfig.hyper")
     return StepSetup(graphdef=graphdef, tx=optim.build_optimizer(optim_config), loss_fn=fn,
                      loss_kind=info.kind, hyper=tuple(sorted(dict(algo.hyper).items())),
-                     reference=reference.Reference(algo.reference), lora=lora,
-                     logps_chunk=logps_chunk, fp32_state=optim_config.fp32_state)
+                     reference=ref, lora=lora, logps_chunk=logps_chunk,
+                     fp32_state=optim_config.fp32_state, mismatched=mismatched)
 
 
 # Sorting over the batch: a sort within each micro-batch is a different objective, not an
@@ -57,21 +65,30 @@ def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
 SORT_COUPLED = frozenset({"aot", "aot_unpaired"})
 
 
-def check_accumulation(loss: str, micro_batches: int) -> None:
+def check_accumulation(loss: str, micro_batches: int, hyper=()) -> None:
     """Refuse (sorts) or warn (batch statistics) when a batch-coupled objective is accumulated.
 
     Under gradient accumulation each micro-batch is one call of the loss, so a statistic over
     "the batch" (KTO's z0 from mismatched rows, BCO's reward mean) is the micro-batch's; BCO's
-    running mean still sees every example, in micro-batch order.
+    running mean still sees every example, in micro-batch order. `hyper`: the objective's
+    hyperparameters; KTO with an explicit z0 couples nothing and is not warned about.
     """
-    if micro_batches <= 1 or not losses.info(loss).batch_coupled:
+    info = losses.info(loss)
+    if micro_batches <= 1 or not info.batch_coupled:
+        return
+    if info.mismatched_unless is not None and not info.needs_mismatched(hyper):
         return
     if loss in SORT_COUPLED:
         raise ValueError(f"objective {loss!r} sorts over the global batch; with micro_batches="
                          f"{micro_batches} each micro-batch would be sorted alone. Use "
                          "micro_batches=1 (raise batch_size per device instead)")
+    hint = ""
+    if info.mismatched_unless is not None:
+        hint = (f" (mismatched completions pair examples of one micro-batch; set "
+                f"{info.mismatched_unless!r} explicitly to decouple)")
     warnings.warn(f"objective {loss!r} couples examples through a batch statistic; with "
-                  f"micro_batches={micro_batches} the statistic is per micro-batch", stacklevel=2)
+                  f"micro_batches={micro_batches} the statistic is per micro-batch{hint}",
+                  stacklevel=2)
 
 
 def initial_loss_state(setup: StepSetup, batch_m) -> Any:
@@ -80,7 +97,8 @@ def initial_loss_state(setup: StepSetup, batch_m) -> Any:
         q, c = batch["completion_mask"].shape
         zeros = jnp.zeros((q, c), jnp.float32)
         ref = None if setup.reference.kind == "none" else zeros
-        inputs = step_lib.loss_inputs(setup.loss_kind, zeros, ref, batch)
+        mismatched = (zeros, zeros, zeros) if setup.mismatched else None
+        inputs = step_lib.loss_inputs(setup.loss_kind, zeros, ref, batch, mismatched)
         return setup.loss_fn(inputs, None, **dict(setup.hyper)).state
 
     try:

@@ -2,12 +2,15 @@
 
 Shape letters: `r` batch rows, `t` row positions, `d` model width, `v` vocabulary, `q` sequences
 (completions), `c` completion positions, `n` flattened gathered positions (`q * c`), `k` chunks,
-`m` positions per chunk.
+`m` positions per chunk, `s` rows of a mismatched batch, `u` its row positions.
 
 The model runs once with `return_hidden=True`; the hidden states that predict completion tokens
 are gathered with the batch's flat `source_index` (`r * L + t`), and only those are projected to
 the vocabulary, `chunk_size` positions at a time under `jax.checkpoint`, so the forward and the
 backward pass each hold at most one `[chunk_size, V]` float32 block (invariant 4).
+
+`mismatched_batch` builds, inside the step, the batch of KTO's mismatched sequences (prompt of
+example q, completion of the next example) from any layout's batch.
 """
 
 from __future__ import annotations
@@ -76,3 +79,98 @@ def naive_token_logps(model, batch: Mapping[str, Array]) -> Array:
     q, c = batch["source_index"].shape
     picked = logp_nv[batch["source_index"].reshape(-1), batch["target_tokens"].reshape(-1)]
     return picked.reshape(q, c)
+
+
+def next_valid(valid_q: Array) -> Array:
+    """For each real example, the index of the next real one in batch order (the last wraps).
+
+    Filler examples get some index; with one real example it is its own successor.
+    """
+    valid_q = valid_q > 0
+    count = jnp.maximum(jnp.sum(valid_q.astype(jnp.int32)), 1)
+    rank_q = jnp.cumsum(valid_q.astype(jnp.int32)) - 1
+    real_first_q = jnp.argsort(~valid_q, stable=True)  # real indices first, in order
+    return real_first_q[(rank_q + 1) % count]
+
+
+def next_fit(length_q: Array, row_length: int) -> tuple[Array, Array, Array]:
+    """(row, offset, segment id) of sequences placed in order: the current row, or a new one."""
+    def body(carry, n):
+        row, cursor, segment = carry
+        new = cursor + n > row_length
+        row, cursor, segment = row + new, jnp.where(new, 0, cursor), jnp.where(new, 1, segment + 1)
+        return (row, cursor + n, segment), (row, cursor, segment)
+
+    zero = jnp.zeros((), jnp.int32)
+    _, placed = jax.lax.scan(body, (zero, zero, zero), length_q.astype(jnp.int32))
+    return placed
+
+
+def mismatched_rows(num_rows: int, row_length: int, q: int, c: int) -> tuple[int, int]:
+    """(S, U): rows and row length of the mismatched batch of a `[R, L]` batch.
+
+    A prompt has at most L - 1 tokens, so each sequence fits a row of U = L + C. The sequences
+    hold as many tokens as the batch's real examples (the completions are only permuted) when
+    each example's prompt and completion occupy their own tokens, as in every layout for
+    unpaired data (K = 1); next-fit then needs at most 2 ceil(R L / U) - 1 rows, and never
+    more than one per sequence.
+    """
+    u = row_length + c
+    return min(q, 2 * (-(-num_rows * row_length // u)) - 1), u
+
+
+def shifted_sequences(batch: Mapping[str, Array], u: int):
+    """Example q's prompt then the next real example's completion, left-aligned in `[Q, U]`.
+
+    Example q's prompt is the run of tokens ending at `source_index[q, 0]`, `positions + 1`
+    long there, in every layout. Returns (tokens_qu, prompt_q, length_q, next_q, mask_qc):
+    prompt and total lengths (0 for filler), the example whose completion follows, and that
+    completion's mask (zero for filler).
+    """
+    tokens_rt, target_qc, mask_qc = (batch[k] for k in ("tokens", "target_tokens",
+                                                         "completion_mask"))
+    (r, t), c = tokens_rt.shape, target_qc.shape[1]
+    next_q = next_valid(batch["pair_valid"])
+    last_q = batch["source_index"][:, 0]
+    prompt_q = batch["positions"].reshape(-1)[last_q] + 1
+    real_q = (batch["pair_valid"] > 0) & (mask_qc[:, 0] > 0)
+    new_mask_qc = mask_qc[next_q] * real_q[:, None].astype(mask_qc.dtype)
+    length_q = jnp.where(real_q, prompt_q + jnp.sum(new_mask_qc > 0, axis=-1), 0)
+    u_u = jnp.arange(u, dtype=jnp.int32)
+    prompt_at_qu = jnp.clip(last_q[:, None] - prompt_q[:, None] + 1 + u_u[None], 0, r * t - 1)
+    comp_at_qu = jnp.clip(u_u[None] - prompt_q[:, None], 0, c - 1)
+    tokens_qu = jnp.where(u_u[None] < prompt_q[:, None], tokens_rt.reshape(-1)[prompt_at_qu],
+                          jnp.take_along_axis(target_qc[next_q], comp_at_qu, axis=1))
+    return tokens_qu, prompt_q, length_q, next_q, new_mask_qc
+
+
+def mismatched_batch(batch: Mapping[str, Array]) -> tuple[dict, Array]:
+    """KTO's mismatched sequences: prompt of example q + completion of the next real example.
+
+    Works from the batch contract alone, so from any layout (`shifted_sequences`). The
+    sequences are packed in order (next-fit) into `[S, U]` rows (`mismatched_rows`) and come
+    back as a batch with the same keys, `Q` sequences in example order (filler: empty). Also
+    returns `fits_q`, False for a sequence the rows could not hold (impossible for unpaired
+    data; callers poison it).
+    """
+    (r, t), (q, c) = batch["tokens"].shape, batch["target_tokens"].shape
+    s, u = mismatched_rows(r, t, q, c)
+    tokens_qu, prompt_q, length_q, next_q, mask_qc = shifted_sequences(batch, u)
+    row_q, start_q, segment_q = next_fit(length_q, u)
+    fits_q = row_q < s
+    u_u = jnp.arange(u, dtype=jnp.int32)
+    flat_q = row_q * u + start_q
+    placed_qu = (u_u[None] < length_q[:, None]) & fits_q[:, None]
+    dest_qu = jnp.where(placed_qu, flat_q[:, None] + u_u[None], s * u)  # out of range: dropped
+
+    def scatter(values_qu):
+        out = jnp.zeros(s * u, jnp.int32).at[dest_qu].set(values_qu.astype(jnp.int32),
+                                                          mode="drop")
+        return out.reshape(s, u)
+
+    source_qc = jnp.clip(flat_q[:, None] + prompt_q[:, None] - 1 + jnp.arange(c), 0, s * u - 1)
+    out = {"tokens": scatter(tokens_qu), "positions": scatter(jnp.broadcast_to(u_u, (q, u))),
+           "segment_ids": scatter(jnp.broadcast_to(segment_q[:, None], (q, u))),
+           "branch_ids": jnp.zeros((s, u), jnp.int32), "source_index": source_qc.astype(jnp.int32),
+           "target_tokens": batch["target_tokens"][next_q], "completion_mask": mask_qc}
+    return out, fits_q

@@ -66,6 +66,14 @@ class Reference:
     def kind(self) -> str:
         return self.config.kind
 
+    @property
+    def scores_new_sequences(self) -> bool:
+        """Whether it can score sequences built inside the step (KTO's mismatched completions).
+
+        The precomputed cache holds only the data's own (prompt, completion) sequences.
+        """
+        return self.kind != "precomputed"
+
     def init(self, policy: Any) -> Any:
         """Reference Params to keep in the state (None when the kind keeps none)."""
         return _copy(policy) if self.kind in ("frozen", "previous") else None
@@ -78,6 +86,9 @@ class Reference:
         if self.kind == "none":
             return None
         if self.kind == "precomputed":
+            if "ref_logps" not in batch:
+                raise ValueError("the precomputed reference reads the batch's cached 'ref_logps'; "
+                                 "this batch has none (sequences built inside the step?)")
             return batch["ref_logps"].astype(jnp.float32)
         params = state.base if self.kind == "lora" else state.ref
         return jax.lax.stop_gradient(forward(jax.lax.stop_gradient(params)))

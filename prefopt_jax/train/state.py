@@ -62,6 +62,7 @@ class StepSetup:
       lora: LoRA config when training adapters, else None.
       logps_chunk: positions projected to the vocabulary at a time.
       fp32_state: optimiser state and updates in float32 whatever the params' dtype.
+      mismatched: score mismatched completions for the loss (KTO's z0; `LossInfo`).
     """
 
     graphdef: Any
@@ -73,6 +74,7 @@ class StepSetup:
     lora: lora_lib.LoraConfig | None = None
     logps_chunk: int = 512
     fp32_state: bool = True
+    mismatched: bool = False
 
 
 def to_f32(tree):

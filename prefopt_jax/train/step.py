@@ -13,6 +13,10 @@ Batch-coupled objectives under accumulation: each micro-batch is one call of the
 statistic over "the batch" is the micro-batch's. `build.check_accumulation` refuses the sorting
 objectives (aot, aot_unpaired) with micro_batches > 1 and warns for batch statistics (kto with
 mismatched rows, bco/bco_pair, whose running mean still sees every example in order, mpo).
+
+KTO's mismatched completions (`StepSetup.mismatched`): each micro-batch also scores example q's
+prompt with the next example's completion, under the policy and the reference, no gradient
+(`mismatched_logps`); the loss turns them into z0.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ def _opt(batch, key):
     return None if value is None else value.astype(jnp.float32)
 
 
-def loss_inputs(kind: str, logps_qc, ref_qc, batch):
+def loss_inputs(kind: str, logps_qc, ref_qc, batch, mismatched=None):
     """The loss's inputs from `[Q, C]` log-probs and the batch (the losses' layout adapters).
 
     Paired batches interleave chosen `2p` and rejected `2p + 1`; listwise batches hold `K = Q / P`
     items per prompt in order; unpaired batches one labelled sequence per example.
+    `mismatched`: (policy log-probs, reference log-probs, mask) `[Q, C]` of the mismatched
+    completions (`mismatched_logps`), for unpaired objectives that read them.
     """
     mask_qc, valid_p = batch["completion_mask"], batch["pair_valid"]
     if kind == "pairwise":
@@ -55,9 +61,10 @@ def loss_inputs(kind: str, logps_qc, ref_qc, batch):
         return losses.listwise_from_flat(logps_qc, mask_qc, batch["scores"].astype(jnp.float32),
                                          ref_qc, valid_p=valid_p, weight_p=_opt(batch, "weight"))
     if kind == "unpaired":
+        kl = dict(zip(("kl_logps_nc", "kl_ref_logps_nc", "kl_mask_nc"), mismatched or ()))
         return UnpairedInputs(logps_nc=logps_qc, mask_nc=mask_qc, label_n=batch["label"] > 0,
                               ref_logps_nc=ref_qc, valid_n=valid_p,
-                              weight_n=_opt(batch, "weight"))
+                              weight_n=_opt(batch, "weight"), **kl)
     raise ValueError(f"objectives of kind {kind!r} do not train on preference batches; "
                      f"supported kinds: {TRAINABLE_KINDS}")
 
@@ -71,13 +78,30 @@ def forward_logps(setup: StepSetup, params, rest, batch) -> jax.Array:
     return logps_lib.token_logps(model, batch, setup.logps_chunk)
 
 
+def mismatched_logps(setup: StepSetup, policy, state: TrainState, batch):
+    """(policy, reference) log-probs and mask `[Q, C]` of the mismatched completions (KTO's z0).
+
+    Sequence q is example q's prompt with the next real example's completion (within this
+    micro-batch, which spans every host), built on device from the batch; no gradient. A
+    sequence the mismatched rows cannot hold (never for unpaired data) gets nan log-probs, so
+    the loss turns non-finite and the loop stops, rather than z0 quietly skipping it.
+    """
+    kl_batch, fits_q = logps_lib.mismatched_batch(batch)
+    forward = lambda p: forward_logps(setup, p, state.rest, kl_batch)  # noqa: E731
+    pol_qc = jax.lax.stop_gradient(forward(jax.lax.stop_gradient(policy)))
+    ref_qc = setup.reference.logps(forward, state, kl_batch)
+    poison = lambda x: jnp.where(fits_q[:, None], x, jnp.nan)  # noqa: E731
+    return poison(pol_qc), poison(ref_qc), kl_batch["completion_mask"]
+
+
 def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Array, setup):
     """Loss of one micro-batch scaled by the whole batch's example count, and its outputs."""
     policy = policy_params(setup, state.replace(params=train_params))
     logps_qc = forward_logps(setup, policy, state.rest, batch)
     ref_qc = setup.reference.logps(
         lambda p: forward_logps(setup, p, state.rest, batch), state, batch)
-    inputs = loss_inputs(setup.loss_kind, logps_qc, ref_qc, batch)
+    mismatched = mismatched_logps(setup, policy, state, batch) if setup.mismatched else None
+    inputs = loss_inputs(setup.loss_kind, logps_qc, ref_qc, batch, mismatched)
     # Loss-specific per-example data (win rates, gold completions...) rides as `extra/<name>`.
     extras = {k[len("extra/"):]: v for k, v in batch.items() if k.startswith("extra/")}
     inputs = inputs.replace(extras=extras) if extras else inputs
