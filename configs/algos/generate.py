@@ -25,7 +25,6 @@ NEEDS = {
     "tpo_l": "a gold completion (extra/gold_logps_pc ...)",
     "lipo_lambda": "listwise data (scores)", "plackett_luce": "listwise data (scores)",
 }
-OVERRIDE = {"kto": {"z0": 0.0}}  # no mismatched-completion rows in the layouts yet
 
 
 def defaults(fn) -> dict:
@@ -38,7 +37,7 @@ def defaults(fn) -> dict:
 def render(name: str) -> str:
     fn = losses.get(name)
     doc = (inspect.getdoc(fn) or "").splitlines()[0] if inspect.getdoc(fn) else name
-    hyper = {**defaults(fn), **OVERRIDE.get(name, {})}
+    hyper = defaults(fn)
     kind = "frozen" if losses.info(name).needs_reference else "none"
     needs = NEEDS.get(name)
     if losses.info(name).kind == "rollout":
