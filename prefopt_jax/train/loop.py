@@ -213,7 +213,7 @@ def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
     setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora, loop.logps_chunk)
-    build.check_accumulation(algo.loss, data_spec.micro_batches)
+    build.check_accumulation(algo.loss, data_spec.micro_batches, algo.hyper)
     loader = make_loader(data_spec, tokenizer, loop.seed, model.config.vocab_size, shards,
                          unpaired=setup.loss_kind == "unpaired")
     ref_cache = None
