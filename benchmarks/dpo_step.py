@@ -184,8 +184,8 @@ def main() -> None:
     p.add_argument("--completion-median", type=float, default=100)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--remat", default="none", help="model remat policy, LoRA included (and TRL gradient "
-                   "checkpointing when not none)")
+    p.add_argument("--remat", default="none", help="model remat policy, LoRA included (and "
+                   "TRL gradient checkpointing when not none)")
     p.add_argument("--layouts", default="padded,packed,prefix")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--frameworks", default="prefopt,trl")
