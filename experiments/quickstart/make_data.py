@@ -87,16 +87,21 @@ def to_rows(prompts, pairs, min_gap):
     return rows, ties
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="experiments/quickstart/data")
+def sampling_parser(description: str, out: str, seed: int) -> argparse.ArgumentParser:
+    """The options of a script that samples and ranks pairs (this one and its reuses)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=out)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=seed)
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--min-gap", type=float, default=0.05)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = sampling_parser(__doc__.splitlines()[0], "experiments/quickstart/data", 0).parse_args()
 
     from prefopt_jax.models import from_pretrained
 

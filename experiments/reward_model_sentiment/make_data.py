@@ -14,7 +14,6 @@ quickstart split:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -43,15 +42,8 @@ SHIFTED_TEMPLATES = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="experiments/reward_model_sentiment/data")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--seed", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=40)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--min-gap", type=float, default=0.05)
-    args = parser.parse_args()
+    args = quickstart.sampling_parser(__doc__.splitlines()[0],
+                                      "experiments/reward_model_sentiment/data", 2).parse_args()
 
     from prefopt_jax.models import from_pretrained
 
