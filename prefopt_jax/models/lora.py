@@ -3,12 +3,15 @@
 Shape letters: `i` flattened input dims of a kernel, `o` flattened output dims, `r` LoRA rank,
 `y` a leading stacked-layers axis when the model scans over layers.
 
-The transformer is not edited: adapters live beside the base state, and
-`apply_lora(base_state, adapters, scale)` returns base kernels `W + scale * A @ B`. The policy is
-the merged parameters; the reference is the base parameters themselves (adapters disabled), so
-LoRA training needs no second copy of the model (invariant 6). `merge` folds the adapters in for
-export. Each adapter carries logical axis names (the kernel's input axes then `lora_rank` for A,
-`lora_rank` then the output axes for B) so it shards like the kernel it adapts.
+Adapters live beside the base state, and `apply_lora(base_state, adapters, scale)` returns base
+kernels `W + scale * A @ B`; with `factored=True` each adapted kernel is instead a `LoraKernel`
+(W, A, B, scale) that the transformer applies unmerged, `x @ W + scale * (x @ A) @ B`, so the
+backward pass never forms a full `[i, o]` weight gradient (only activation gradients through W
+and rank-r products): the training forwards use it. The reference is the base parameters
+themselves (adapters disabled), so LoRA training needs no second copy of the model (invariant 6).
+`merge` folds the adapters in for export. Each adapter carries logical axis names (the kernel's
+input axes then `lora_rank` for A, `lora_rank` then the output axes for B) so it shards like the
+kernel it adapts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 DEFAULT_TARGETS = ("w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down")
 
@@ -105,6 +108,35 @@ def init_adapters(base_state: nnx.State, config: LoraConfig, rng: jax.Array) -> 
     return adapters
 
 
+@struct.dataclass
+class LoraKernel:
+    """An adapted kernel kept unmerged: W `[y.., i.., o..]`, A `[y.., i.., r]`, B `[y.., r, o..]`.
+
+    A pytree (w, a, b) with `scale` static, so nnx.scan slices all three along a stacked-layers
+    axis and grad reaches A and B as ordinary leaves.
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = struct.field(pytree_node=False)
+
+
+def lora_dense(x: jax.Array, kernel: LoraKernel, equation: str, dtype) -> jax.Array:
+    """`einsum(equation, x, W) + scale * (x @ A) @ B` in `dtype`, for an unstacked kernel.
+
+    `x`'s trailing dims are the kernel's input dims (as in `equation`); the rank-r products
+    contract them with A, then r with B.
+    """
+    w, a, b = (v.astype(dtype) for v in (kernel.w, kernel.a, kernel.b))
+    n_in = a.ndim - 1
+    if n_in + b.ndim - 1 != w.ndim:
+        raise ValueError(f"LoRA kernel shapes W {w.shape}, A {a.shape}, B {b.shape} do not fit "
+                         "an unstacked kernel (a stacked-layers axis left unsliced?)")
+    xa = jnp.tensordot(x, a, axes=n_in) * jnp.asarray(kernel.scale, dtype)
+    return jnp.einsum(equation, x, w) + jnp.tensordot(xa, b, axes=1)
+
+
 def lora_delta(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
     """`A @ B` contracted over the rank axis, batched over `lead` stacked-layer axes."""
     a_yir = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
@@ -113,8 +145,12 @@ def lora_delta(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:
     return delta_yio.reshape(a.shape[:-1] + b.shape[lead + 1:])
 
 
-def apply_lora(base_state: nnx.State, adapters: dict, scale: float) -> nnx.State:
+def apply_lora(base_state: nnx.State, adapters: dict, scale: float,
+               factored: bool = False) -> nnx.State:
     """Base state with `W + scale * A @ B` on every adapted kernel (pure; base untouched).
+
+    `factored`: each adapted kernel holds a `LoraKernel(W, A, B, scale)` instead, which the
+    transformer applies unmerged (cheaper backward); only for forwards through the transformer.
 
     Every Variable of the result is new, the unadapted ones too: `nnx.merge` puts the state's
     Variable objects into the module, and nnx.remat / nnx.scan refuse (TraceContextError) to
@@ -131,10 +167,12 @@ def apply_lora(base_state: nnx.State, adapters: dict, scale: float) -> nnx.State
             a, b = ad["a"], ad["b"]
             a = a.get_value() if isinstance(a, nnx.Variable) else a
             b = b.get_value() if isinstance(b, nnx.Variable) else b
-            # W has lead + in + out dims, A lead + in + 1, B lead + 1 + out.
-            lead = a.ndim + b.ndim - 2 - w.ndim
-            merged = w + (scale * lora_delta(a, b, lead)).astype(w.dtype)
-            var = var.replace(merged)
+            if factored:
+                var = var.replace(LoraKernel(w, a, b, scale))
+            else:
+                # W has lead + in + out dims, A lead + in + 1, B lead + 1 + out.
+                lead = a.ndim + b.ndim - 2 - w.ndim
+                var = var.replace(w + (scale * lora_delta(a, b, lead)).astype(w.dtype))
         items.append((path, var))
     return nnx.from_flat_state(items)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefopt_jax.models.lora import LoraKernel, lora_dense
 from prefopt_jax.models.sharding import constrain
 
 REMAT_POLICIES = {
@@ -175,6 +176,14 @@ def attention_mask(seg_q_bt, branch_q_bt, seg_k_bs, branch_k_bs, q_offset,
     return (allowed_ts[None] & same_seg_bts & branch_ok_bts)[:, None]
 
 
+def dense(x: jax.Array, kernel: nnx.Variable, equation: str, dtype) -> jax.Array:
+    """`einsum(equation, x, kernel)` in `dtype`; an unmerged LoRA kernel adds its rank-r path."""
+    value = kernel.get_value()
+    if isinstance(value, LoraKernel):
+        return lora_dense(x, value, equation, dtype)
+    return jnp.einsum(equation, x, value.astype(dtype))
+
+
 def _param(rngs: nnx.Rngs, init, shape, names, config: ModelConfig) -> nnx.Param:
     """A parameter carrying logical axis names (placement is done later from this metadata)."""
     # eager_sharding=False: names are logical, not mesh axes; sharding.py resolves them.
@@ -220,7 +229,7 @@ class Attention(nnx.Module):
         self.b_o = bias((d,), ("embed",), config.attention_out_bias)
 
     def _project(self, x_btd, w, b, names):
-        out = jnp.einsum("btd,dne->btne", x_btd, w[...].astype(self.dtype))
+        out = dense(x_btd, w, "btd,dne->btne", self.dtype)
         if b is not None:
             out = out + b[...].astype(self.dtype)
         return constrain(out, names)
@@ -244,7 +253,7 @@ class Attention(nnx.Module):
             k_bske, v_bske = (x.astype(self.dtype) for x in new_kv)
         # GQA: dot_product_attention groups H query heads over K kv heads natively.
         out_bthe = jax.nn.dot_product_attention(q_bthe, k_bske, v_bske, mask=mask_b1ts)
-        out_btd = jnp.einsum("bthe,hed->btd", out_bthe, self.w_o[...].astype(self.dtype))
+        out_btd = dense(out_bthe, self.w_o, "bthe,hed->btd", self.dtype)
         if self.b_o is not None:
             out_btd = out_btd + self.b_o[...].astype(self.dtype)
         return out_btd, new_kv
@@ -261,10 +270,10 @@ class Mlp(nnx.Module):
         self.w_down = _param(rngs, _dense_init, (f, d), ("mlp", "embed"), config)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate_btf = x_btd @ self.w_gate[...].astype(self.dtype)
-        up_btf = x_btd @ self.w_up[...].astype(self.dtype)
+        gate_btf = dense(x_btd, self.w_gate, "btd,df->btf", self.dtype)
+        up_btf = dense(x_btd, self.w_up, "btd,df->btf", self.dtype)
         hidden_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
-        return hidden_btf @ self.w_down[...].astype(self.dtype)
+        return dense(hidden_btf, self.w_down, "btf,fd->btd", self.dtype)
 
 
 class Block(nnx.Module):

@@ -106,11 +106,14 @@ class RMSetup:
     fp32_state: bool = True
 
 
-def full_params(setup: RMSetup, trainable, base):
-    """The reward model's Params: adapters merged into the trunk under LoRA, the trained head."""
+def full_params(setup: RMSetup, trainable, base, factored: bool = False):
+    """The reward model's Params: adapters merged into the trunk under LoRA, the trained head.
+
+    `factored`: adapted kernels stay unmerged `LoraKernel`s, for the training forward.
+    """
     if setup.lora is None:
         return trainable
-    merged = lora_lib.apply_lora(base, trainable["lora"], setup.lora.scale)
+    merged = lora_lib.apply_lora(base, trainable["lora"], setup.lora.scale, factored=factored)
     merged["head"] = trainable["head"]
     return merged
 
@@ -127,7 +130,8 @@ def _opt(batch, key):
 
 def micro_loss(trainable, state: TrainState, batch, total, setup: RMSetup):
     """Bradley-Terry loss of one micro-batch, scaled by the whole batch's pair count."""
-    r_w, r_l = pair_scores(setup, full_params(setup, trainable, state.base), state.rest, batch)
+    params = full_params(setup, trainable, state.base, factored=True)
+    r_w, r_l = pair_scores(setup, params, state.rest, batch)
     inputs = RewardPairInputs(r_w, r_l, margin_p=_opt(batch, "margin"),
                               valid_p=batch["pair_valid"], weight_p=_opt(batch, "weight"))
     out = setup.loss_fn(inputs, None, **dict(setup.hyper))

@@ -83,11 +83,15 @@ def to_f32(tree):
                         if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def policy_params(setup: StepSetup, state: TrainState):
-    """The policy's full model Params: merged adapters under LoRA, else the trained params."""
+def policy_params(setup: StepSetup, state: TrainState, factored: bool = False):
+    """The policy's full model Params: merged adapters under LoRA, else the trained params.
+
+    `factored`: adapted kernels stay unmerged `LoraKernel`s (see `lora.apply_lora`), for the
+    model forwards of the training step; merged arrays everywhere else (references, export).
+    """
     if setup.lora is None:
         return state.params
-    return lora_lib.apply_lora(state.base, state.params, setup.lora.scale)
+    return lora_lib.apply_lora(state.base, state.params, setup.lora.scale, factored=factored)
 
 
 def leaf_spec(leaf, mesh_shape: dict, rules) -> PartitionSpec:

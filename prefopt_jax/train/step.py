@@ -96,7 +96,8 @@ def mismatched_logps(setup: StepSetup, policy, state: TrainState, batch):
 
 def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Array, setup):
     """Loss of one micro-batch scaled by the whole batch's example count, and its outputs."""
-    policy = policy_params(setup, state.replace(params=train_params))
+    # Unmerged adapters: the backward pass then needs no full [in, out] weight gradient.
+    policy = policy_params(setup, state.replace(params=train_params), factored=True)
     logps_qc = forward_logps(setup, policy, state.rest, batch)
     ref_qc = setup.reference.logps(
         lambda p: forward_logps(setup, p, state.rest, batch), state, batch)
