@@ -87,6 +87,17 @@ def to_rows(prompts, pairs, min_gap):
     return rows, ties
 
 
+def write_split(model, tokenizer, prompts, seed, args, path: pathlib.Path) -> None:
+    """Samples two replies per prompt, ranks them (`to_rows`) and writes the pairs as JSONL."""
+    pairs = sample_pairs(model, tokenizer, prompts, seed, args.batch_size, args.max_new_tokens,
+                         args.temperature)
+    rows, ties = to_rows(prompts, pairs, args.min_gap)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"{path.stem}: {len(rows)} pairs written, {ties} near-ties left out")
+
+
 def sampling_parser(description: str, out: str, seed: int) -> argparse.ArgumentParser:
     """The options of a script that samples and ranks pairs (this one and its reuses)."""
     parser = argparse.ArgumentParser(description=description)
@@ -109,14 +120,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, subjects, seed in (("train", SUBJECTS, args.seed), ("heldout", HELDOUT_SUBJECTS, args.seed + 10**6)):
-        prompts = prompts_for(subjects)
-        pairs = sample_pairs(model, tokenizer, prompts, seed, args.batch_size,
-                             args.max_new_tokens, args.temperature)
-        rows, ties = to_rows(prompts, pairs, args.min_gap)
-        with open(out / f"{name}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"{name}: {len(rows)} pairs written, {ties} near-ties left out")
+        write_split(model, tokenizer, prompts_for(subjects), seed, args, out / f"{name}.jsonl")
 
 
 if __name__ == "__main__":

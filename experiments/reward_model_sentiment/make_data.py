@@ -15,7 +15,6 @@ quickstart split:
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pathlib
 import sys
@@ -54,13 +53,7 @@ def main() -> None:
               ("heldout_shifted", SHIFTED_TEMPLATES, args.seed + 1))
     for name, templates, seed in splits:
         prompts = [t.format(s) for s, t in itertools.product(SUBJECTS, templates)]
-        pairs = quickstart.sample_pairs(model, tokenizer, prompts, seed, args.batch_size,
-                                        args.max_new_tokens, args.temperature)
-        rows, ties = quickstart.to_rows(prompts, pairs, args.min_gap)
-        with open(out / f"{name}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"{name}: {len(rows)} pairs written, {ties} near-ties left out")
+        quickstart.write_split(model, tokenizer, prompts, seed, args, out / f"{name}.jsonl")
 
 
 if __name__ == "__main__":

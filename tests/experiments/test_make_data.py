@@ -38,3 +38,18 @@ def test_reward_model_heldout_subjects_are_new_and_options_shared():
     assert not set(rm.SHIFTED_TEMPLATES) & set(quickstart.TEMPLATES)
     args = quickstart.sampling_parser("x", "out/dir", 7).parse_args([])
     assert (args.out, args.seed, args.min_gap) == ("out/dir", 7, 0.05)
+
+
+def test_write_split_writes_ranked_pairs(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    quickstart = load("experiments/quickstart/make_data.py", "qs_make_data3")
+    replies = [("Bad and boring.", "Lovely and great!"), ("A chair.", "A table.")]
+    monkeypatch.setattr(quickstart, "sample_pairs", lambda *a: replies)
+    args = argparse.Namespace(batch_size=2, max_new_tokens=8, temperature=1.0, min_gap=0.05)
+    path = tmp_path / "split.jsonl"
+    quickstart.write_split(None, None, ["Opinion on a?", "Opinion on b?"], 0, args, path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["chosen"][0]["content"] for r in rows] == ["Lovely and great!"]
+    assert "split: 1 pairs written, 1 near-ties left out" in capsys.readouterr().out
