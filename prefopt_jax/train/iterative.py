@@ -101,9 +101,12 @@ def _copy(tree):
 
 
 def current_policy(setup, state) -> nnx.Module:
-    """The policy of a TrainState as a plain NNX module on the host (LoRA merged)."""
-    return nnx.merge(setup.graphdef, jax.device_get(policy_params(setup, state)),
-                     jax.device_get(state.rest))
+    """The policy of a TrainState as a plain NNX module on the host (LoRA merged).
+
+    Call on every process: parameters sharded over hosts are gathered (`loop.to_host`).
+    """
+    return nnx.merge(setup.graphdef, loop_lib.to_host(policy_params(setup, state)),
+                     loop_lib.to_host(state.rest))
 
 
 def sample_round(policy, prompts, scorer, config: IterativeConfig, seed: int, pad_id: int):

@@ -211,9 +211,12 @@ def build_rm(rm: RewardModel, algo: build.AlgoConfig, optim_config: optim.OptimC
 
 
 def trained_model(setup: RMSetup, state: TrainState) -> RewardModel:
-    """The trained reward model as a plain NNX module (LoRA merged), on the host."""
-    params = jax.device_get(full_params(setup, state.params, state.base))
-    return nnx.merge(setup.graphdef, params, jax.device_get(state.rest))
+    """The trained reward model as a plain NNX module (LoRA merged), on the host.
+
+    Call on every process: parameters sharded over hosts are gathered (`loop.to_host`).
+    """
+    params = loop_lib.to_host(full_params(setup, state.params, state.base))
+    return nnx.merge(setup.graphdef, params, loop_lib.to_host(state.rest))
 
 
 def fit(rm: RewardModel, loader: data_lib.Loader, algo: build.AlgoConfig,
