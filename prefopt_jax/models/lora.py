@@ -122,19 +122,37 @@ class LoraKernel:
     scale: float = struct.field(pytree_node=False)
 
 
-def lora_dense(x: jax.Array, kernel: LoraKernel, equation: str, dtype) -> jax.Array:
-    """`einsum(equation, x, W) + scale * (x @ A) @ B` in `dtype`, for an unstacked kernel.
+def flat_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """Contract `x`'s last `n_in` dims with `w`'s first `n_in`, as one 2-D matmul.
 
-    `x`'s trailing dims are the kernel's input dims (as in `equation`); the rank-r products
-    contract them with A, then r with B.
+    `[..., i..] @ [i.., o..] -> [..., o..]` through `[N, I] @ [I, O]` (the reshapes are free:
+    both groups are contiguous). XLA:CPU runs the 2-D form, and above all its gradient dots
+    (`dy @ W.T`, `x.T @ dy`), as plain GEMMs; the equivalent rank-3/4 einsum is lowered with
+    layout copies and runs 1.4x slower under grad (benchmarks/README.md).
+    """
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+        raise ValueError(f"input trailing dims {x.shape[x.ndim - n_in:]} do not match kernel "
+                         f"input dims {in_shape} (kernel shape {w.shape})")
+    lead = x.shape[:x.ndim - n_in]
+    n_i, n_o = math.prod(in_shape), math.prod(out_shape)
+    y = x.reshape(-1, n_i) @ w.reshape(n_i, n_o)
+    return y.reshape(lead + out_shape)
+
+
+def lora_dense(x: jax.Array, kernel: LoraKernel, dtype) -> jax.Array:
+    """`x @ W + scale * (x @ A) @ B` in `dtype`, for an unstacked kernel.
+
+    `x`'s trailing dims are the kernel's input dims (those of A but its rank axis); the
+    rank-r products contract them with A, then r with B.
     """
     w, a, b = (v.astype(dtype) for v in (kernel.w, kernel.a, kernel.b))
     n_in = a.ndim - 1
     if n_in + b.ndim - 1 != w.ndim:
         raise ValueError(f"LoRA kernel shapes W {w.shape}, A {a.shape}, B {b.shape} do not fit "
                          "an unstacked kernel (a stacked-layers axis left unsliced?)")
-    xa = jnp.tensordot(x, a, axes=n_in) * jnp.asarray(kernel.scale, dtype)
-    return jnp.einsum(equation, x, w) + jnp.tensordot(xa, b, axes=1)
+    xa = flat_matmul(x, a, n_in) * jnp.asarray(kernel.scale, dtype)
+    return flat_matmul(x, w, n_in) + flat_matmul(xa, b, 1)
 
 
 def lora_delta(a: jax.Array, b: jax.Array, lead: int) -> jax.Array:

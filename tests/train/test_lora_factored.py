@@ -5,6 +5,8 @@ The merged form `x @ (W + s A B)` makes the backward pass form the full weight g
 `x @ W + s (x @ A) @ B` needs only rank-r products. The jaxpr test fails if the step merges.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +84,12 @@ def full_weight_grads(scan_layers: bool) -> list[tuple[int, ...]]:
     for path, var in nnx.to_flat_state(base):
         if lora_lib.is_target(path, LORA):
             shape = var.get_value().shape
-            kernels |= {tuple(sorted(shape)), tuple(sorted(shape[1:] if scan_layers else shape))}
+            layer_shape = shape[1:] if scan_layers else shape
+            names = lora_lib.logical_names(var)
+            _, n_in = lora_lib.kernel_split(layer_shape, names[1:] if scan_layers else names)
+            # also as the 2-D [inputs, outputs] product the transformer's flat matmuls form
+            flat = (math.prod(layer_shape[:n_in]), math.prod(layer_shape[n_in:]))
+            kernels |= {tuple(sorted(shape)), tuple(sorted(layer_shape)), tuple(sorted(flat))}
     return [s for s in dot_shapes(jaxpr.jaxpr) if tuple(sorted(s)) in kernels]
 
 
