@@ -8,6 +8,9 @@ Prints one JSON object per layout. MFU is against a measured float32 matmul peak
 peft installed (`pip install torch==2.13.0 trl peft`; not project dependencies), TRL's
 DPOTrainer runs the same step on the same weights (exported to HF format), pairs and batch size,
 side by side. Each configuration runs in its own process, so peak RSS is that configuration's.
+prefopt-jax processes set the host allocator as `prefopt` does (prefopt_jax/hostmem.py: freed
+memory kept, not page-faulted in again every step); TRL's run with glibc's defaults, as TRL users
+get them, unless `--trl-host-malloc keep`. Each row says which (`host_malloc`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -195,10 +199,22 @@ def main() -> None:
     p.add_argument("--layouts", default="padded,packed,prefix")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--frameworks", default="prefopt,trl")
+    p.add_argument("--host-malloc", default="auto", choices=("auto", "keep", "default"),
+                   help="prefopt-jax processes: prefopt_jax.hostmem setting (auto = as `prefopt` "
+                   "does: keep freed memory on CPU-only JAX)")
+    p.add_argument("--trl-host-malloc", default="default", choices=("keep", "default"),
+                   help="TRL processes: default = glibc as a TRL user runs it")
     p.add_argument("--framework", help=argparse.SUPPRESS)  # internal: run one configuration
     args = p.parse_args()
     if args.framework:
+        from prefopt_jax import hostmem
+
+        choice = args.trl_host_malloc if args.framework == "trl" else args.host_malloc
+        if choice != "auto":
+            os.environ[hostmem.ENV] = choice
+        kept = hostmem.keep_freed_memory()
         out = run_one(args)
+        out["host_malloc"] = "keep" if kept else "default"
         if "achieved_flops" in out:
             out["matmul_peak_flops"] = matmul_peak_flops()
             out["mfu"] = out["achieved_flops"] / out["matmul_peak_flops"]

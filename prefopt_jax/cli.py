@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()  # before the sub-command starts JAX (see hostmem.py)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

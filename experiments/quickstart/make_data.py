@@ -112,6 +112,9 @@ def sampling_parser(description: str, out: str, seed: int) -> argparse.ArgumentP
 
 
 def main() -> None:
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
     args = sampling_parser(__doc__.splitlines()[0], "experiments/quickstart/data", 0).parse_args()
 
     from prefopt_jax.models import from_pretrained

@@ -373,6 +373,9 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
     args = parse_args(argv, __doc__.splitlines()[0])
     report(resolve(args.config, args.gin_bindings), args)
     return 0

@@ -21,8 +21,9 @@ import report  # noqa: E402  (the sibling file; experiments/ is not an installed
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefopt_jax import registry
+    from prefopt_jax import hostmem, registry
 
+    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
     args = report.parse_args(argv, __doc__.splitlines()[0])
     t0 = time.time()
     registry.parse(args.config, args.gin_bindings)

@@ -41,6 +41,9 @@ SHIFTED_TEMPLATES = (
 
 
 def main() -> None:
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
     args = quickstart.sampling_parser(__doc__.splitlines()[0],
                                       "experiments/reward_model_sentiment/data", 2).parse_args()
 

@@ -25,6 +25,9 @@ SUBJECTS = (
 
 
 def main() -> None:
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--n", type=int, default=8)
