@@ -8,7 +8,9 @@ and 10 s of system time in 19 s of wall time (benchmarks/README.md). `keep_freed
 tells glibc (mallopt) to serve every block from one heap, never with mmap, and never to trim
 it, so the working set is faulted in once and reused; the same step then takes no page faults.
 
-The cost: the process keeps its high-water mark of host memory until it exits. It applies to
+The costs: the process keeps its high-water mark of host memory until it exits, and one arena
+serialises malloc across threads, which made the compile-bound test suite (many small programs,
+little compute) about 9% slower, so the tests leave it off. It applies to
 glibc Linux processes whose JAX can only run on the CPU (no CUDA, ROCm or TPU plugin
 installed: on accelerator hosts the step's tensors live in device memory). Set
 PREFOPT_HOST_MALLOC=keep or =default to force either choice. It must run before JAX creates

@@ -11,10 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import tempfile  # noqa: E402
 
-from prefopt_jax import hostmem  # noqa: E402
-
-hostmem.keep_freed_memory()  # each xdist worker, before JAX starts its CPU client
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

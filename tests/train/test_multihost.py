@@ -80,11 +80,15 @@ def progress_tokens(output: str) -> list[int]:
     return [int(t) for t in re.findall(r"^step \d+/\d+ .* tokens (\d+) tok/s", output, re.M)]
 
 
-def assert_same_metrics(two, single):
+def assert_same_metrics(two, single, first_accuracy=True):
+    """Equal metrics. `first_accuracy=False` skips step 1's reward accuracy: there the policy is
+    the reference, every implicit reward is 0 up to rounding and its sign is noise (a reference
+    precomputed per host on half the rows rounds differently from one computed on all)."""
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     for key in ("loss", "rewards/accuracy", "grad_norm", "tokens"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in single], rtol=1e-5,
-                                   err_msg=key)
+        skip = 0 if first_accuracy or key != "rewards/accuracy" else 1
+        np.testing.assert_allclose([r[key] for r in two[skip:]], [r[key] for r in single[skip:]],
+                                   rtol=1e-5, err_msg=key)
 
 
 def test_two_processes_over_gloo_equal_one(tmp_path):
@@ -120,7 +124,7 @@ def test_precomputed_reference_over_two_processes(tmp_path):
     procs = start_two(tmp_path / "two", *precomputed(cache))
     run_one(tmp_path / "one", *precomputed(tmp_path / "cache_one"))
     first = wait_two(procs)
-    assert_same_metrics(records(tmp_path / "two"), records(tmp_path / "one"))
+    assert_same_metrics(records(tmp_path / "two"), records(tmp_path / "one"), first_accuracy=False)
     files = os.listdir(cache)
     assert len(files) == 1 and files[0].endswith(".npz"), files  # one key, no temporary files
     path = str(cache / files[0])
