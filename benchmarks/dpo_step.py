@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--remat", default="none", help="model remat policy, LoRA included (and "
                    "TRL gradient checkpointing when not none)")
-    p.add_argument("--layouts", default="padded,packed,prefix")
+    p.add_argument("--layouts", default="padded,packed,prefix,prefix_packed")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--frameworks", default="prefopt,trl")
     p.add_argument("--host-malloc", default="auto", choices=("auto", "keep", "default"),

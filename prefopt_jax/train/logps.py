@@ -39,35 +39,61 @@ def chunk_target_logps(project: Callable[[Array], Array], hidden_md: Array,
 
 
 def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_index_qc: Array,
-                   target_tokens_qc: Array, chunk_size: int = 512) -> Array:
+                   target_tokens_qc: Array, chunk_size: int = 512,
+                   mask_qc: Array | None = None) -> Array:
     """Float32 log-probs `[Q, C]` of `target_tokens` predicted at flat positions `source_index`.
 
-    Masked positions are computed too (their index is any valid one) and left to the caller's
-    mask; nothing here depends on the layout, so padded, packed and prefix-shared batches share
-    one path.
+    Without `mask_qc` every position is computed (a masked one's index is any valid one) and
+    left to the caller's mask. With it, the positions are computed in chunks of the unmasked ones
+    only (moved to the front, in order) and the chunks holding none are skipped at run time
+    (`lax.cond`), so the vocabulary projection costs what the real completion tokens need
+    rather than `Q * C` (C is the longest completion's bucket); masked positions come back 0.
+    Nothing here depends on the layout, so padded, packed and prefix-shared batches share one
+    path.
     """
     r, t, d = hidden_rtd.shape
     q, c = source_index_qc.shape
     n = q * c
     m = max(1, min(chunk_size, n))
     k = -(-n // m)
-    index_n = jnp.clip(source_index_qc.reshape(n), 0, r * t - 1)
-    targets_n = target_tokens_qc.reshape(n)
     pad = k * m - n
+    index_n = jnp.clip(jnp.asarray(source_index_qc).reshape(n), 0, r * t - 1)
+    targets_n = jnp.asarray(target_tokens_qc).reshape(n)
+    if mask_qc is None:
+        order_n, valid = None, jnp.asarray(n, jnp.int32)
+    else:
+        real_n = jnp.asarray(mask_qc).reshape(n) > 0
+        order_n = jnp.argsort(~real_n, stable=True)  # real positions first, in order
+        index_n, targets_n = index_n[order_n], targets_n[order_n]
+        valid = jnp.sum(real_n.astype(jnp.int32))
     index_n = jnp.pad(index_n, (0, pad))
     targets_n = jnp.pad(targets_n, (0, pad))
     hidden_kmd = hidden_rtd.reshape(r * t, d)[index_n].reshape(k, m, d)
     # Recompute each chunk's logits in the backward pass instead of saving [m, V] per chunk.
     body = jax.checkpoint(lambda h_md, y_m: chunk_target_logps(project, h_md, y_m))
-    logps_km = jax.lax.map(lambda xs: body(*xs), (hidden_kmd, targets_n.reshape(k, m)))
-    return logps_km.reshape(k * m)[:n].reshape(q, c)
+
+    def chunk(xs):
+        i, h_md, y_m = xs
+        return jax.lax.cond(i * m < valid, body, lambda h, y: jnp.zeros(y.shape, jnp.float32),
+                            h_md, y_m)
+
+    logps_km = jax.lax.map(chunk, (jnp.arange(k, dtype=jnp.int32), hidden_kmd,
+                                   targets_n.reshape(k, m)))
+    logps_n = logps_km.reshape(k * m)[:n]
+    if order_n is not None:
+        logps_n = jnp.zeros_like(logps_n).at[order_n].set(logps_n, unique_indices=True)
+        logps_n = jnp.where(real_n, logps_n, 0.0)
+    return logps_n.reshape(q, c)
 
 
 def token_logps(model, batch: Mapping[str, Array], chunk_size: int = 512) -> Array:
-    """Float32 per-token log-probs `[Q, C]` of the batch's completion tokens under `model`."""
+    """Float32 per-token log-probs `[Q, C]` of the batch's completion tokens under `model`.
+
+    With the batch's `completion_mask`, only unmasked positions are computed (the others are 0).
+    """
     hidden_rtd = model_hidden(model, batch)
     return gathered_logps(model.project, hidden_rtd, batch["source_index"],
-                          batch["target_tokens"], chunk_size)
+                          batch["target_tokens"], chunk_size, batch.get("completion_mask"))
 
 
 def naive_token_logps(model, batch: Mapping[str, Array]) -> Array:

@@ -28,6 +28,33 @@ def test_chunked_logps_equal_full_logits(model, layout, chunk):
     np.testing.assert_allclose(np.where(mask, got, 0), np.where(mask, want, 0), atol=1e-5)
 
 
+def test_masked_positions_skip_their_chunks():
+    """With a mask, only the chunks holding real positions are projected; the rest come back 0."""
+    rng = np.random.default_rng(0)
+    hidden_rtd = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
+    w_dv = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    source_qc = jnp.asarray(rng.integers(0, 20, size=(4, 10)), jnp.int32)
+    targets_qc = jnp.asarray(rng.integers(0, 6, size=(4, 10)), jnp.int32)
+    mask_qc = np.zeros((4, 10), np.float32)
+    mask_qc[0, :3], mask_qc[2, 1:5] = 1, 1  # 7 real positions of 40: 2 chunks of 4
+    projected = []
+
+    def project(h_bmd):
+        jax.debug.callback(lambda: projected.append(1))
+        return h_bmd @ w_dv
+
+    def logps(mask):
+        return jax.jit(lambda: logps_lib.gathered_logps(project, hidden_rtd, source_qc,
+                                                        targets_qc, 4, mask))()
+
+    full = np.asarray(logps(None))
+    assert len(projected) == 10
+    projected.clear()
+    got = np.asarray(logps(jnp.asarray(mask_qc)))
+    assert len(projected) == 2
+    np.testing.assert_allclose(got, np.where(mask_qc > 0, full, 0), rtol=1e-6)
+
+
 def test_chunked_logps_gradient_equals_full_logits(model):
     batch = tiny.batch("padded", seed=2)
     graphdef, params = nnx.split(model)
