@@ -168,7 +168,12 @@ def to_global(batch_m: dict, shardings: dict) -> dict:
 
 
 class Stop:
-    """Set by SIGTERM: checkpoint after the current step and leave."""
+    """Set by SIGTERM: checkpoint after the current step and leave.
+
+    On several hosts the signal may reach only some of them; `agreed()` ORs the flag over every
+    process after each step, so all of them save the same step and leave together instead of
+    the rest waiting forever in the next step's collectives.
+    """
 
     def __init__(self):
         self.requested = False
@@ -176,6 +181,14 @@ class Stop:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process has been asked to stop (a collective when there are several)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+            self.requested = bool(np.any(flags))
+        return self.requested
 
 
 def check_finite(step: int, values: dict, batch_m: dict, last_good: int | None) -> None:
@@ -286,9 +299,10 @@ def run_steps(run: Run, data_spec: DataSpec, loop: LoopConfig, ckpt: Checkpointe
                 writer.progress(step, values, tokens)
             due = loop.checkpoint_every and (step % loop.checkpoint_every == 0
                                              or step == loop.steps)
-            if due or stop.requested:
+            stopping = stop.agreed()
+            if due or stopping:
                 ckpt.save(step, run.state, run.loader.state_dict(), force=True)
-            if stop.requested:
+            if stopping:
                 print(f"SIGTERM: checkpointed step {step}; restart to resume", flush=True)
                 break
     return values

@@ -10,9 +10,11 @@ the Hugging Face export must gather them; the precomputed-reference runs are dat
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -43,21 +45,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two(out_dir, *extra):
+def start_two(out_dir, *extra, steps=STEPS):
     """Both processes of a two-process run, started (not waited for)."""
     port = free_port()
     return [subprocess.Popen(
-        command(out_dir, f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
+        command(out_dir, f"--gin.LoopConfig.steps={steps}",
+                f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
                 f"--process-id={i}", "--cpu-collectives=gloo", *extra),
         cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(2)]
 
 
-def wait_two(procs) -> list[str]:
+def wait_two(procs, timeout=600) -> list[str]:
     """Each process's output, once both succeeded."""
     outs = []
     for p in procs:
-        out, _ = p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out.decode()[-4000:]
         outs.append(out.decode())
     return outs
@@ -138,3 +141,26 @@ def test_precomputed_reference_over_two_processes(tmp_path):
     assert os.listdir(cache) == files and os.stat(path).st_mtime_ns == stat.st_mtime_ns
     np.testing.assert_array_equal([r["loss"] for r in records(tmp_path / "again")],
                                   [r["loss"] for r in records(tmp_path / "two")])
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaching only process 1: both checkpoint one step and exit (no one hangs)."""
+    out = tmp_path / "two"
+    procs = start_two(out, steps=10_000)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and
+                                           len(metrics.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs), "a process ended before the signal"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        outs = wait_two(procs, timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    saved = [re.findall(r"SIGTERM: checkpointed step (\d+)", o) for o in outs]
+    assert saved[0] and saved[0] == saved[1], outs
+    step = int(saved[0][0])
+    assert step < 10_000 and os.listdir(out / "checkpoints") == [str(step)]
+    assert records(out)[-1]["step"] == step
