@@ -172,22 +172,27 @@ class Stop:
 
     On several hosts the signal may reach only some of them; `agreed()` ORs the flag over every
     process after each step, so all of them save the same step and leave together instead of
-    the rest waiting forever in the next step's collectives.
+    the rest waiting forever in the next step's collectives. Only the handler writes
+    `signalled`, so a signal landing while the flags are exchanged is kept for the next step.
     """
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False  # this process got SIGTERM
+        self.requested = False  # some process did (set by agreed())
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signalled = True
 
     def agreed(self) -> bool:
         """Whether any process has been asked to stop (a collective when there are several)."""
-        if jax.process_count() > 1:
+        if jax.process_count() == 1:
+            stop = self.signalled
+        else:
             from jax.experimental import multihost_utils
-            flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-            self.requested = bool(np.any(flags))
+            stop = bool(np.any(multihost_utils.process_allgather(
+                np.asarray(self.signalled, np.int32))))
+        self.requested = self.requested or stop
         return self.requested
 
 

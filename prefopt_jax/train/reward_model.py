@@ -227,7 +227,7 @@ def fit(rm: RewardModel, loader: data_lib.Loader, algo: build.AlgoConfig,
 
     With `ckpt`: first resume from its newest checkpoint (state, optimiser, step, RNG, loader
     position), then save every `checkpoint_every` steps (0: never), at `steps` and when
-    `stop.requested` (a `loop.Stop`, set by SIGTERM), which also ends the run early.
+    `stop.agreed()` (a `loop.Stop`, set by SIGTERM on any host), which also ends the run early.
     """
     mesh = mesh or sharding_lib.make_mesh((1, 1, 1))
     probe = loop_lib.next_batch_m(loader, micro_batches)
@@ -257,7 +257,7 @@ def run_steps(built: BuiltRM, state, loader, steps, micro_batches, mesh, writer,
             if writer is not None:
                 writer.write(step, values)
                 writer.progress(step, values, tokens)
-            stopping = stop is not None and stop.requested
+            stopping = stop is not None and stop.agreed()
             due = checkpoint_every and (step % checkpoint_every == 0 or step == steps[-1])
             if ckpt is not None and (due or stopping):
                 ckpt.save(step, state, loader.state_dict(), force=True)
