@@ -10,10 +10,10 @@ it, so the working set is faulted in once and reused; the same step then takes n
 
 The costs: the process keeps its high-water mark of host memory until it exits, and one arena
 serialises malloc across threads, which made the compile-bound test suite (many small programs,
-little compute) about 9% slower, so the tests leave it off. It applies to
-glibc Linux processes whose JAX can only run on the CPU (no CUDA, ROCm or TPU plugin
-installed: on accelerator hosts the step's tensors live in device memory). Set
-PREFOPT_HOST_MALLOC=keep or =default to force either choice. It must run before JAX creates
+little compute) about 9% slower, so the tests leave it off. It applies to glibc Linux processes
+whose JAX can only run on the CPU (no CUDA, ROCm or TPU plugin installed: on accelerator hosts
+the step's tensors live in device memory). Set PREFOPT_HOST_MALLOC=keep or =default to force
+either choice. It must run before JAX creates
 its CPU client (XLA's worker threads pick a malloc arena on their first allocation), so
 `prefopt` and the experiment scripts call it first thing; notebooks may call it before their
 first JAX computation.
