@@ -22,12 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 3
 
 
-def command(out_dir, *extra):
+def command(out_dir, *extra, steps=STEPS):
     # SGD: Adam turns reduction-order noise in near-zero gradients into full-size updates.
     return [sys.executable, "-m", "prefopt_jax.cli", "train", "configs/experiments/dpo_tiny.gin",
             "configs/optim/sgd_linear.gin", "--gin.OptimConfig.learning_rate=0.5",
             "--gin.OptimConfig.warmup_steps=0",
-            f"--gin.LoopConfig.steps={STEPS}", f"--gin.LoopConfig.output_dir='{out_dir}'",
+            f"--gin.LoopConfig.steps={steps}", f"--gin.LoopConfig.output_dir='{out_dir}'",
             "--gin.LoopConfig.checkpoint_every=0", "--gin.LoopConfig.export=False",
             "--gin.LoopConfig.mesh_shape=(2, 1, 1)", "--gin.DataSpec.layout='padded'",
             "--gin.ModelSpec.overrides={'num_layers': 1}", "--gin.DataSpec.batch_size=8",
@@ -49,9 +49,8 @@ def start_two(out_dir, *extra, steps=STEPS):
     """Both processes of a two-process run, started (not waited for)."""
     port = free_port()
     return [subprocess.Popen(
-        command(out_dir, f"--gin.LoopConfig.steps={steps}",
-                f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
-                f"--process-id={i}", "--cpu-collectives=gloo", *extra),
+        command(out_dir, f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
+                f"--process-id={i}", "--cpu-collectives=gloo", *extra, steps=steps),
         cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(2)]
 
