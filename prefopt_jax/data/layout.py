@@ -4,8 +4,9 @@ Shape letters (as in docs/interfaces.md): `r` rows, `l` row length, `p` examples
 batch, `k` completions per example, `q` = p * k completion sequences, `c` completion positions.
 
   padded         one sequence (prompt + one completion) per row, rows padded to a length bucket
-  packed         all K sequences of an example side by side as segments; examples packed into
-                 fixed-length rows (first-fit decreasing); an example never straddles rows
+  packed         each sequence (prompt + one completion) a segment; sequences packed into
+                 fixed-length rows (first-fit decreasing); a sequence never straddles rows, the
+                 sides of one example may sit in different rows
   prefix         one example per row: the prompt once (branch 0), then each completion
                  (branch j + 1, positions restarting at the prompt length)
   prefix_packed  prefix-shared examples packed into fixed-length rows as segments
@@ -82,25 +83,30 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def group_lengths(lp_n: np.ndarray, lc_nk: np.ndarray, shares_prefix: bool) -> np.ndarray:
-    """Tokens each example occupies in a row: prompt once (shared) or once per real completion."""
-    copies_n = 1 if shares_prefix else (lc_nk > 0).sum(axis=1)
-    return lp_n * copies_n + lc_nk.sum(axis=1)
+def unit_lengths(lp_n: np.ndarray, lc_nk: np.ndarray, shares_prefix: bool) -> np.ndarray:
+    """Tokens of each unit a packed row holds, `[N, K]`: prefix-shared, the whole example (prompt
+    once, then every completion) in column 0; otherwise each sequence (prompt + completion j) in
+    column j, 0 for an empty completion."""
+    if shares_prefix:
+        need_nk = np.zeros_like(lc_nk)
+        need_nk[:, 0] = lp_n + lc_nk.sum(axis=1)
+        return need_nk
+    return np.where(lc_nk > 0, lp_n[:, None] + lc_nk, 0)
 
 
 def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
-    """Row length for packing: the configured one, or the bucket of the longest example."""
+    """Row length for packing: the configured one, or the bucket of the longest unit."""
     if layout.row_length is not None:
         return layout.row_length
-    need_n = group_lengths(data.prompt_lengths_n, data.completion_lengths_nk, layout.shares_prefix)
-    return bucket(int(need_n.max(initial=1)), None, "example")
+    need_nk = unit_lengths(data.prompt_lengths_n, data.completion_lengths_nk, layout.shares_prefix)
+    return bucket(int(need_nk.max(initial=1)), None, "example")
 
 
 def check_fits(data: TokenizedData, layout: LayoutConfig) -> None:
     """Raises, naming the first example row, if some example fits no row of the layout."""
     lp_n, lc_nk = data.prompt_lengths_n, data.completion_lengths_nk
     if layout.packs:
-        need_n, limit, what = group_lengths(lp_n, lc_nk, layout.shares_prefix), \
+        need_n, limit, what = unit_lengths(lp_n, lc_nk, layout.shares_prefix).max(axis=1), \
             layout.row_length, "the packed row length"
     elif layout.length_buckets is not None:
         need_n = lp_n + (lc_nk.sum(1) if layout.shares_prefix else lc_nk.max(1))
@@ -114,10 +120,11 @@ def check_fits(data: TokenizedData, layout: LayoutConfig) -> None:
 
 
 class Placement(NamedTuple):
-    """Where each example of a batch goes: its row, its offset there, and the batch shape."""
+    """Where each sequence of a batch goes: row and offset of example p's completion j (`[P, K]`;
+    prefix-shared layouts place the whole example at column 0), and the batch shape."""
 
-    row_p: np.ndarray
-    offset_p: np.ndarray
+    row_pk: np.ndarray
+    offset_pk: np.ndarray
     shape: Shape
 
 
@@ -127,34 +134,41 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
     k = data.num_completions
     lp_p, lc_pk = data.prompt_lengths_n[idx_p], data.completion_lengths_nk[idx_p]
     c = bucket(int(lc_pk.max(initial=1)), layout.completion_buckets, "completion")
+    p = len(idx_p)
     if not layout.packs:
         rows_per = 1 if layout.shares_prefix else k
         longest = (lp_p + lc_pk.sum(1)) if layout.shares_prefix else (lp_p[:, None] + lc_pk)
         length = bucket(int(longest.max(initial=1)), layout.length_buckets, "sequence")
-        row_p = np.arange(len(idx_p)) * rows_per
+        side_k = np.zeros(k, np.int64) if layout.shares_prefix else np.arange(k)
+        row_pk = (np.arange(p) * rows_per)[:, None] + side_k[None]
         rows = round_up(num_slots * rows_per, layout.row_multiple)
-        return Placement(row_p, np.zeros(len(idx_p), np.int64), Shape(rows, length, c))
+        return Placement(row_pk, np.zeros((p, k), np.int64), Shape(rows, length, c))
     length = default_row_length(data, layout)
-    need_p = group_lengths(lp_p, lc_pk, layout.shares_prefix)
-    row_p, offset_p, used = first_fit_decreasing(need_p, length, data.example_index_n[idx_p])
+    need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
+    units = np.flatnonzero(need_pk.reshape(-1) > 0)
+    row_u, offset_u, used = first_fit_decreasing(
+        need_pk.reshape(-1)[units], length, data.example_index_n[idx_p][units // k])
+    row_pk, offset_pk = np.zeros(p * k, np.int64), np.zeros(p * k, np.int64)
+    row_pk[units], offset_pk[units] = row_u, offset_u
     rows = round_up(max(used, 1), layout.row_multiple)
-    return Placement(row_p, offset_p, Shape(rows, length, c))
+    return Placement(row_pk.reshape(p, k), offset_pk.reshape(p, k), Shape(rows, length, c))
 
 
-def first_fit_decreasing(need_p: np.ndarray, length: int, example_p: np.ndarray):
-    """Bin packing of examples into rows of `length`; returns rows, offsets, rows used."""
-    too_long = np.flatnonzero(need_p > length)
+def first_fit_decreasing(need_u: np.ndarray, length: int, example_u: np.ndarray):
+    """Bin packing of units (examples or sequences) into rows of `length`; returns rows,
+    offsets, rows used. `example_u` names each unit's dataset row in errors."""
+    too_long = np.flatnonzero(need_u > length)
     if too_long.size:
         i = too_long[0]
-        raise ValueError(f"example from row {example_p[i]} needs {need_p[i]} tokens, more than "
+        raise ValueError(f"example from row {example_u[i]} needs {need_u[i]} tokens, more than "
                          f"the packed row length {length}; raise row_length")
-    free_r = np.full(len(need_p), length, np.int64)
-    row_p, offset_p = np.zeros(len(need_p), np.int64), np.zeros(len(need_p), np.int64)
-    for i in np.argsort(-need_p, kind="stable"):
-        r = int(np.argmax(free_r >= need_p[i]))
-        row_p[i], offset_p[i] = r, length - free_r[r]
-        free_r[r] -= need_p[i]
-    return row_p, offset_p, int((free_r < length).sum())
+    free_r = np.full(len(need_u), length, np.int64)
+    row_u, offset_u = np.zeros(len(need_u), np.int64), np.zeros(len(need_u), np.int64)
+    for i in np.argsort(-need_u, kind="stable"):
+        r = int(np.argmax(free_r >= need_u[i]))
+        row_u[i], offset_u[i] = r, length - free_r[r]
+        free_r[r] -= need_u[i]
+    return row_u, offset_u, int((free_r < length).sum())
 
 
 def empty_batch(shape: Shape, num_slots: int, k: int, pad_id: int) -> dict:
@@ -172,13 +186,13 @@ def empty_batch(shape: Shape, num_slots: int, k: int, pad_id: int) -> dict:
     }
 
 
-def write_example(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
-                  layout: LayoutConfig, segments_r: np.ndarray) -> None:
-    """Writes example i (local position) into batch slot `slot` at its row and offset."""
+def write_example(batch: dict, data: TokenizedData, i: int, slot: int, row_k: np.ndarray,
+                  offset_k: np.ndarray, layout: LayoutConfig, segments_r: np.ndarray) -> None:
+    """Writes example i (local position) into batch slot `slot` at its rows and offsets."""
     if layout.shares_prefix:
-        write_shared(batch, data, i, slot, row, offset, segments_r)
+        write_shared(batch, data, i, slot, int(row_k[0]), int(offset_k[0]), segments_r)
     else:
-        write_separate(batch, data, i, slot, row, offset, layout.packs, segments_r)
+        write_separate(batch, data, i, slot, row_k, offset_k, segments_r)
 
 
 def write_shared(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
@@ -198,21 +212,18 @@ def write_shared(batch: dict, data: TokenizedData, i: int, slot: int, row: int, 
             set_targets(batch, slot * k + j, row, start, offset + lp - 1, completion)
 
 
-def write_separate(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
-                   packs: bool, segments_r: np.ndarray) -> None:
-    """One segment per completion, each with its own copy of the prompt.
-
-    Packed: the sides follow each other in one row; padded: side j has row `row + j`.
-    """
+def write_separate(batch: dict, data: TokenizedData, i: int, slot: int, row_k: np.ndarray,
+                   offset_k: np.ndarray, segments_r: np.ndarray) -> None:
+    """One segment per completion j, with its own copy of the prompt, at row_k[j], offset_k[j]."""
     k, prompt = data.num_completions, data.prompt(i)
     for j in range(k):
         completion = data.completion(i, j)
         if not len(completion):
             continue
-        r, o = (row, offset) if packs else (row + j, 0)
+        r = int(row_k[j])
         segments_r[r] += 1
-        start = fill(batch, r, o, prompt, 0, segments_r[r], 0)
-        offset = fill(batch, r, start, completion, len(prompt), segments_r[r], 0)
+        start = fill(batch, r, int(offset_k[j]), prompt, 0, segments_r[r], 0)
+        fill(batch, r, start, completion, len(prompt), segments_r[r], 0)
         set_targets(batch, slot * k + j, r, start, start - 1, completion)
 
 
@@ -271,8 +282,8 @@ def make_batch(data: TokenizedData, idx_p: np.ndarray, num_slots: int, layout: L
     batch = empty_batch(shape, num_slots, data.num_completions, layout.pad_id)
     segments_r = np.zeros(shape.rows, np.int32)
     for slot, i in enumerate(idx_p):
-        write_example(batch, data, int(i), slot, int(placement.row_p[slot]),
-                      int(placement.offset_p[slot]), layout, segments_r)
+        write_example(batch, data, int(i), slot, placement.row_pk[slot],
+                      placement.offset_pk[slot], layout, segments_r)
     batch.update(example_fields(data, idx_p, num_slots))
     return batch
 

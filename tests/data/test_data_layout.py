@@ -62,14 +62,20 @@ def test_every_target_sees_its_prompt_and_prefix_only(datasets_by_kind, layout, 
     assert (batch["tokens"][batch["segment_ids"] == 0] == 0).all()
 
 
-def test_packed_keeps_each_example_in_one_row():
-    data = synthetic_tokenized(64, seed=1, max_length=256)
+def test_packed_places_each_sequence_in_one_row_of_the_longest_sequence_bucket():
+    data = synthetic_tokenized(64, seed=1, max_length=256, prompt_median=40, completion_median=60)
     idx = np.arange(64)
-    batch = make_batch(data, idx, 64, LayoutConfig(kind="packed", row_length=512))
-    rows_qc = batch["source_index"] // 512
-    assert (rows_qc[0::2, 0] == rows_qc[1::2, 0]).all()
+    batch = make_batch(data, idx, 64, LayoutConfig(kind="packed"))
+    seq_nk = data.prompt_lengths_n[:, None] + data.completion_lengths_nk
+    r, l = batch["tokens"].shape
+    assert l == bucket(int(seq_nk.max()), None, "x") < bucket(int(seq_nk.sum(1).max()), None, "x")
+    rows_qc = batch["source_index"] // l
     assert ((rows_qc == rows_qc[:, :1]) | (batch["completion_mask"] == 0)).all()
-    check_batch(batch, data, idx[:6])
+    # The sides of a pair are placed independently, so some land in different rows.
+    assert (rows_qc[0::2, 0] != rows_qc[1::2, 0]).any()
+    # First-fit decreasing of sequences: within its 11/9 OPT + 1 bound of a perfect fill.
+    assert r <= 11 / 9 * -(-int(seq_nk.sum()) // l) + 1
+    check_batch(batch, data, idx[:16])
 
 
 def test_shapes_come_from_buckets():
