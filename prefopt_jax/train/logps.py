@@ -70,12 +70,13 @@ def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_
     targets_n = jnp.pad(targets_n, (0, pad))
     hidden_kmd = hidden_rtd.reshape(r * t, d)[index_n].reshape(k, m, d)
     # Recompute each chunk's logits in the backward pass instead of saving [m, V] per chunk.
-    body = jax.checkpoint(lambda h_md, y_m: chunk_target_logps(project, h_md, y_m))
-
+    # The skip sits inside the checkpoint: a checkpoint inside the cond would make the cond
+    # return the projection weights as a residual, stacked once per chunk by the map.
+    @jax.checkpoint
     def chunk(xs):
         i, h_md, y_m = xs
-        return jax.lax.cond(i * m < valid, body, lambda h, y: jnp.zeros(y.shape, jnp.float32),
-                            h_md, y_m)
+        return jax.lax.cond(i * m < valid, lambda h, y: chunk_target_logps(project, h, y),
+                            lambda h, y: jnp.zeros(y.shape, jnp.float32), h_md, y_m)
 
     logps_km = jax.lax.map(chunk, (jnp.arange(k, dtype=jnp.int32), hidden_kmd,
                                    targets_n.reshape(k, m)))

@@ -55,6 +55,25 @@ def test_masked_positions_skip_their_chunks():
     np.testing.assert_allclose(got, np.where(mask_qc > 0, full, 0), rtol=1e-6)
 
 
+def test_masked_gradient_keeps_one_copy_of_the_projection_weights():
+    """The backward of the skipped-chunk map does not save the [D, V] weights once per chunk."""
+    rng = np.random.default_rng(0)
+    d, v, q, c, m = 64, 8192, 8, 64, 32  # 16 chunks; one copy of the weights is 2 MiB
+    w_dv = jnp.asarray(rng.normal(size=(d, v)) * 0.01, jnp.float32)
+    hidden_rtd = jnp.asarray(rng.normal(size=(4, 128, d)), jnp.float32)
+    source_qc = jnp.asarray(rng.integers(0, 512, size=(q, c)), jnp.int32)
+    targets_qc = jnp.asarray(rng.integers(0, v, size=(q, c)), jnp.int32)
+    mask_qc = jnp.ones((q, c), jnp.float32)
+
+    def loss(h, w):
+        return jnp.sum(logps_lib.gathered_logps(lambda x: x @ w, h, source_qc, targets_qc, m,
+                                                mask_qc))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden_rtd, w_dv).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * w_dv.nbytes, f"{temp / 2**20:.1f} MiB of temporaries"
+
+
 def test_chunked_logps_gradient_equals_full_logits(model):
     batch = tiny.batch("padded", seed=2)
     graphdef, params = nnx.split(model)
