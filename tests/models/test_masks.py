@@ -6,11 +6,13 @@ shorter sequences are padded at the end with segment 0, which the contract isola
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from prefopt_jax.models.transformer import attention_mask
+from prefopt_jax.models.transformer import attend, attention_block, attention_mask
 
 T = 16
 
@@ -103,3 +105,31 @@ def test_defaults_and_return_hidden(tiny_model, forward):
     scale = np.asarray(model.final_norm.scale[...])
     rms = np.sqrt(np.mean((np.asarray(hidden) / scale) ** 2, axis=-1))
     np.testing.assert_allclose(rms, 1.0, rtol=1e-3)
+
+
+def test_causal_blocks_equal_one_block_with_packing_branches_and_window():
+    """`attend` in query blocks (keys up to each block's end) equals one block, values and
+    gradients, on rows with several segments, prefix branches, padding and a sliding window."""
+    assert [attention_block(t) for t in (16, 64, 65, 512, 1024)] == [None, None, 64, 64, 128]
+    rng = np.random.default_rng(0)
+    b, t, h, k, e = 2, 150, 6, 2, 8  # blocks of 64: 64, 64, 22
+    seg = np.zeros((b, t), np.int32)
+    branch = np.zeros((b, t), np.int32)
+    seg[0, :70], seg[0, 70:140] = 1, 2
+    branch[0, 30:50], branch[0, 50:70] = 1, 2
+    seg[1, :] = 1
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, n, e)), jnp.float32) for n in (h, k, k))
+    for window in (None, 40):
+        mask = attention_mask(jnp.asarray(seg), jnp.asarray(branch), jnp.asarray(seg),
+                              jnp.asarray(branch), 0, window)
+
+        def total(block, *qkv):
+            return jnp.sum(jnp.sin(attend(*qkv, mask, block)))
+
+        np.testing.assert_allclose(attend(q, kk, v, mask, 64), attend(q, kk, v, mask),
+                                   atol=1e-6)
+        grads = [jax.grad(total, argnums=(1, 2, 3))(block, q, kk, v) for block in (64, None)]
+        for a, c in zip(*grads):
+            np.testing.assert_allclose(a, c, atol=1e-5)
+    with pytest.raises(ValueError, match="causal_block needs keys = queries"):
+        attend(q, kk[:, :100], v[:, :100], mask[..., :100], 64)
