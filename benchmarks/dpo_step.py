@@ -3,8 +3,10 @@
     python benchmarks/dpo_step.py --model smollm2-135m-instruct --examples 8 --steps 2
     python benchmarks/dpo_step.py --model tiny            # seconds, for a smoke check
 
-Prints one JSON object per layout. MFU is against a measured float32 matmul peak of this machine
-(6 * params * tokens FLOPs per step, tokens = non-padding row positions). With torch, trl and
+Prints one JSON object per layout. MFU is against a measured matmul peak of this machine in the
+compute dtype (6 * params * tokens FLOPs per step, tokens = non-padding row positions).
+`--dtype bfloat16` computes in bfloat16 with float32 params and optimiser state on both sides
+(prefopt-jax `ModelConfig.dtype`; TRL `bf16=True`, torch autocast). With torch, trl and
 peft installed (`pip install torch==2.13.0 trl peft`; not project dependencies), TRL's
 DPOTrainer runs the same step on the same weights (exported to HF format), pairs and batch size,
 side by side. Each configuration runs in its own process, so peak RSS is that configuration's.
@@ -29,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def matmul_peak_flops(n: int = 1536, reps: int = 5, trials: int = 5) -> float:
-    """Measured float32 matmul FLOP/s, the best of `trials` (the MFU denominator).
+def matmul_peak_flops(dtype: str = "float32", n: int = 1536, reps: int = 5,
+                      trials: int = 5) -> float:
+    """Measured matmul FLOP/s in `dtype`, the best of `trials` (the MFU denominator).
 
     The best rather than the mean: a single short trial on a shared CPU varies by 2x.
     """
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = 0.0
@@ -76,11 +79,14 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     from prefopt_jax.train import build, loop, optim
     from prefopt_jax.train.reference import ReferenceConfig
 
-    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat})
+    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat},
+                          dtype=args.dtype, param_dtype="float32")
     model, _ = loop.load_model(spec)
     data = make_data(model, args)
     loader = Loader(data, args.examples, LayoutConfig(kind=layout), shuffle=False)
-    shape = loop.agreed_shape(loader, args.steps + 1)  # one shape: compile once, time all
+    # own: each batch at its own bucketed shape, as `prefopt train` runs them; agreed: every
+    # batch at the largest of them (one compilation).
+    shape = loop.agreed_shape(loader, args.steps + 1) if args.shapes == "agreed" else None
     batches = [build.stack_micro([loader.next_batch(min_shape=shape)])
                for _ in range(args.steps + 1)]
     mesh = sharding_lib.make_mesh((1, 1, 1))
@@ -92,23 +98,30 @@ def bench_layout(layout: str, mode: str, args) -> dict:
                                               logps_chunk=args.chunk)
     times, tokens, positions, logical = [], 0, 0, 0
     with jax.set_mesh(mesh):
-        for i, b in enumerate(batches):
+        compiled = set()
+        for b in batches:  # warm-up: one untimed step per shape, so no timed step compiles
+            signature = tuple((k, v.shape) for k, v in sorted(b.items()))
+            if signature not in compiled:
+                compiled.add(signature)
+                state, metrics = step_fn(state, jax.device_put(b, batch_sh))
+                jax.block_until_ready(metrics)
+        for b in batches[1:]:  # the first batch only warms up, as in TRL's timing
             t = time.perf_counter()
             state, metrics = step_fn(state, jax.device_put(b, batch_sh))
             jax.block_until_ready(metrics)
-            if i:
-                times.append(time.perf_counter() - t)
-                tokens += int(np.sum(b["segment_ids"] > 0))
-                positions += b["tokens"].size
-                logical += logical_tokens(data, {"example_index": b["example_index"][0]})
+            times.append(time.perf_counter() - t)
+            tokens += int(np.sum(b["segment_ids"] > 0))
+            positions += b["tokens"].size
+            logical += logical_tokens(data, {"example_index": b["example_index"][0]})
     seconds = sum(times)
     # Full: forward + backward of the policy (6 N per token) + reference forward (2 N).
     # LoRA: the weight-gradient matmuls are skipped (4 N + 2 N for the reference).
     flops = (8 if mode == "full" else 6) * n_params * tokens
-    return {"framework": "prefopt-jax", "layout": layout, "mode": mode,
+    return {"framework": "prefopt-jax", "layout": layout, "mode": mode, "dtype": args.dtype,
             "tokens_per_s": logical / seconds, "row_tokens_per_s": tokens / seconds,
             "seconds_per_step": seconds / max(len(times), 1), "steps_timed": len(times),
-            "row_shape": list(batches[0]["tokens"].shape),
+            "shapes": args.shapes,
+            "row_shapes": [list(b["tokens"].shape[1:]) for b in batches[1:]],
             "padding_fraction": 1 - tokens / max(positions, 1),
             "achieved_flops": flops / seconds,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
@@ -146,7 +159,8 @@ def bench_trl(mode: str, args) -> dict:
                            gradient_checkpointing=args.remat != "none",
                            report_to=[], save_strategy="no", logging_steps=1,
                            max_length=args.max_length, dataset_num_proc=1,
-                           include_num_input_tokens_seen="non_padding")
+                           include_num_input_tokens_seen="non_padding",
+                           bf16=args.dtype == "bfloat16")
     timer = StepTimer()
     trainer = trl.DPOTrainer(model=hf, args=config, train_dataset=datasets.Dataset.from_dict(rows),
                              processing_class=hf_tok, peft_config=peft, callbacks=[timer])
@@ -156,7 +170,7 @@ def bench_trl(mode: str, args) -> dict:
     # the non-padding tokens its own batches carried (prompt + chosen and prompt + rejected rows).
     tokens = timer.tokens[-1] - timer.tokens[0]
     return {"framework": "trl " + trl.__version__, "layout": "padded", "mode": mode,
-            "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps,
+            "dtype": args.dtype, "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps,
             "steps_timed": len(timer.times) - 1,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
@@ -193,6 +207,11 @@ def main() -> None:
     p.add_argument("--prompt-median", type=float, default=60)
     p.add_argument("--completion-median", type=float, default=100)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--shapes", default="own", choices=("own", "agreed"),
+                   help="own: each batch at its own bucketed shape, as `prefopt train` runs "
+                   "(every shape compiled before timing); agreed: all at the largest")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (params and optimiser state stay float32)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--remat", default="none", help="model remat policy, LoRA included (and "
                    "TRL gradient checkpointing when not none)")
@@ -216,7 +235,7 @@ def main() -> None:
         out = run_one(args)
         out["host_malloc"] = "keep" if kept else "default"
         if "achieved_flops" in out:
-            out["matmul_peak_flops"] = matmul_peak_flops()
+            out["matmul_peak_flops"] = matmul_peak_flops(args.dtype)
             out["mfu"] = out["achieved_flops"] / out["matmul_peak_flops"]
         print("RESULT " + json.dumps(out), flush=True)
         return
