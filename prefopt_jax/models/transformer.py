@@ -203,9 +203,9 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
 
     ``causal_block`` (only when query t sits at key slot t, S = T, and the mask is causal): the
     queries go in blocks of that many positions and block ``[lo, hi)`` reads keys ``[0, hi)``
-    only, the slots after ``hi`` being masked for all of them. Same result; with blocks of 64 on
-    SmolLM2's shapes XLA:CPU runs the forward 2x and the gradient 1.8-2.4x faster at T = 128 to
-    512 than one block (benchmarks/README.md).
+    only, the slots after ``hi`` being masked for all of them. Same result; with blocks of 64
+    on SmolLM2's heads XLA:CPU runs the forward 1.9-2.7x and the gradient 1.1-1.9x faster than
+    one block at T = 128 to 512 (benchmarks/attention.py, figures in benchmarks/README.md).
     """
     b, t, h, e = q_bthe.shape
     s, k = k_bske.shape[1], k_bske.shape[2]
