@@ -216,16 +216,12 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     # An additive bias rather than a select: its gradient is the identity, so the backward
     # materialises no [B, K, G, T, S] broadcast of the mask.
     bias_b11ts = jnp.where(mask_b1ts, np.float32(0), np.float32(MASKED_SCORE))[:, :, None]
-    if causal_block is None:
-        bounds = [(0, t, s)]
-    else:
-        if s != t:
-            raise ValueError(f"causal_block needs keys = queries, got {s} keys for {t} queries")
-        bounds = [(lo, min(t, lo + causal_block), min(t, lo + causal_block))
-                  for lo in range(0, t, causal_block)]
+    if causal_block is not None and s != t:
+        raise ValueError(f"causal_block needs keys = queries, got {s} keys for {t} queries")
     outs = []
-    for lo, hi, keys in bounds:
-        n = hi - lo
+    for lo in range(0, t, causal_block or t):
+        hi = min(t, lo + (causal_block or t))
+        n, keys = hi - lo, (s if causal_block is None else hi)
         q_bkqe = q_bkgte[:, :, :, lo:hi].reshape(b, k, g * n, e)
         scores_bkqs = jnp.einsum("bkqe,bkse->bkqs", q_bkqe, k_bkse[:, :, :keys],
                                  preferred_element_type=jnp.float32) * np.float32(1 / math.sqrt(e))
