@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from forward import best_time  # benchmarks/forward.py, beside this script
 from prefopt_jax.models.transformer import attend, attention_block, attention_mask
 
 
 def best_ms(fn, *args, trials: int) -> float:
+    """Best of `trials` runs after a compiling one, in milliseconds."""
     jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(trials):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_time(fn, *args, steps=trials) * 1e3
 
 
 def packed_inputs(rows: int, length: int, heads: int, kv_heads: int, width: int, seed: int = 0):

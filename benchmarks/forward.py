@@ -12,7 +12,8 @@ ModelConfig.remat_policy (attention scores are materialised per layer, so long r
 FLOP accounting (PaLM appendix B convention): a forward pass costs ``2 * N`` per token for the
 ``N`` parameters that enter matmuls (every projection plus the output projection, tied or not;
 the embedding lookup is a gather, not a matmul) plus ``4 * L * T * H * Dh`` per token for
-attention scores and values over the full ``T x T`` square that XLA computes before masking;
+attention scores and values over the full ``T x T`` square (a convention: `attend` skips the
+key blocks past each 64-query block, so XLA computes about half of it at T = 512);
 forward+backward costs three times the forward. MFU is achieved model FLOP/s over the measured
 peak of one large ``jnp.dot`` in the same dtype on the same devices (best of runs before and
 after the model). Timings are best of ``--steps`` runs; ``load_average_1min`` flags a shared,
