@@ -4,7 +4,7 @@
     python benchmarks/attention.py --rows 5 --length 512 --blocks 32,64,128
 
 Packed rows of several segments (40 to 200 tokens each), SmolLM2-135M's heads (9 query, 3 kv,
-64 wide), float32. Prints one JSON object per (length, block): the best of `--trials` runs of the
+64 wide), float32 or `--dtype bfloat16`. Prints one JSON object per (length, block): the best of `--trials` runs of the
 jitted forward and of the jitted gradient (which includes its forward), and the largest
 difference from the one-block result.
 """
@@ -28,7 +28,8 @@ def best_ms(fn, *args, trials: int) -> float:
     return best_time(fn, *args, steps=trials) * 1e3
 
 
-def packed_inputs(rows: int, length: int, heads: int, kv_heads: int, width: int, seed: int = 0):
+def packed_inputs(rows: int, length: int, heads: int, kv_heads: int, width: int, seed: int = 0,
+                  dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     seg = np.zeros((rows, length), np.int32)
     for r in range(rows):
@@ -38,7 +39,7 @@ def packed_inputs(rows: int, length: int, heads: int, kv_heads: int, width: int,
             seg[r, at:at + n], at, s = s, at + n, s + 1
     seg = jnp.asarray(seg)
     mask = attention_mask(seg, jnp.zeros_like(seg), seg, jnp.zeros_like(seg), 0)
-    q, k, v = (jnp.asarray(rng.normal(size=(rows, length, n, width)), jnp.float32)
+    q, k, v = (jnp.asarray(rng.normal(size=(rows, length, n, width)), dtype)
                for n in (heads, kv_heads, kv_heads))
     return q, k, v, mask
 
@@ -49,10 +50,11 @@ def main() -> None:
     p.add_argument("--length", default="128,256,512")
     p.add_argument("--blocks", default="none,64", help="query blocks; none = one block")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     for length in (int(x) for x in args.length.split(",")):
         rows = args.rows or max(1, 4096 // length)
-        q, k, v, mask = packed_inputs(rows, length, 9, 3, 64)
+        q, k, v, mask = packed_inputs(rows, length, 9, 3, 64, dtype=jnp.dtype(args.dtype))
         base = None
         for name in args.blocks.split(","):
             block = None if name == "none" else int(name)
@@ -61,11 +63,13 @@ def main() -> None:
                 attend(q, k, v, m, b))), argnums=(0, 1, 2)))
             out = fwd(q, k, v, mask)
             base = out if base is None else base
-            print(json.dumps({"rows": rows, "length": length, "block": block,
+            print(json.dumps({"dtype": args.dtype, "rows": rows, "length": length, "block": block,
                               "default_block": attention_block(length),
                               "forward_ms": best_ms(fwd, q, k, v, mask, trials=args.trials),
                               "grad_ms": best_ms(grad, q, k, v, mask, trials=args.trials),
-                              "max_diff": float(jnp.max(jnp.abs(out - base)))}), flush=True)
+                              "max_diff": float(jnp.max(jnp.abs(out.astype(jnp.float32)
+                                                                - base.astype(jnp.float32))))}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from prefopt_jax.models.matmul import matmul
+
 DEFAULT_TARGETS = ("w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down")
 
 
@@ -128,7 +130,8 @@ def flat_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
     `[..., i..] @ [i.., o..] -> [..., o..]` through `[N, I] @ [I, O]` (the reshapes are free:
     both groups are contiguous). XLA:CPU runs the 2-D form, and above all its gradient dots
     (`dy @ W.T`, `x.T @ dy`), as plain GEMMs; the equivalent rank-3/4 einsum is lowered with
-    layout copies and runs 1.4x slower under grad (benchmarks/README.md).
+    layout copies and runs 1.4x slower under grad (benchmarks/README.md). bf16 operands
+    accumulate in float32, forward and backward (`matmul.matmul`).
     """
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
     if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
@@ -136,7 +139,7 @@ def flat_matmul(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
                          f"input dims {in_shape} (kernel shape {w.shape})")
     lead = x.shape[:x.ndim - n_in]
     n_i, n_o = math.prod(in_shape), math.prod(out_shape)
-    y = x.reshape(-1, n_i) @ w.reshape(n_i, n_o)
+    y = matmul(x.reshape(-1, n_i), w.reshape(n_i, n_o))
     return y.reshape(lead + out_shape)
 
 

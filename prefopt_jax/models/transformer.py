@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from prefopt_jax.models.lora import LoraKernel, flat_matmul, lora_dense
+from prefopt_jax.models.matmul import matmul
 from prefopt_jax.models.sharding import constrain
 
 REMAT_POLICIES = {
@@ -402,14 +403,17 @@ class Transformer(nnx.Module):
         out = hidden_btd if return_hidden else self.project(hidden_btd)
         return out if cache is None else (out, new_cache)
 
-    def project(self, hidden_btd: jax.Array) -> jax.Array:
-        """Logits from final (already normed) hidden states, in the compute dtype."""
+    def project(self, hidden_btd: jax.Array, logits_dtype=None) -> jax.Array:
+        """Logits from final (already normed) hidden states, in `logits_dtype` (default: the
+        compute dtype; float32 keeps a bf16 model's float32 accumulator)."""
         dtype = self.config.dtype
-        hidden_btd = hidden_btd.astype(dtype)
-        if self.lm_head is None:
-            logits = jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(dtype))
+        lead = hidden_btd.shape[:-1]
+        hidden_nd = hidden_btd.astype(dtype).reshape(-1, hidden_btd.shape[-1])
+        if self.lm_head is None:  # tied: the embedding table [V, D] is the kernel, transposed
+            logits_nv = matmul(hidden_nd, self.embed[...].astype(dtype), True, logits_dtype)
         else:
-            logits = hidden_btd @ self.lm_head[...].astype(dtype)
+            logits_nv = matmul(hidden_nd, self.lm_head[...].astype(dtype), False, logits_dtype)
+        logits = logits_nv.reshape(lead + logits_nv.shape[-1:])
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "length", "vocab"))
         return logits

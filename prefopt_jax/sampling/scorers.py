@@ -22,7 +22,7 @@ from flax import nnx
 
 from prefopt_jax.losses import rewards as reward_fns
 from prefopt_jax.sampling.generate import left_pad
-from prefopt_jax.train.logps import gathered_logps
+from prefopt_jax.train.logps import float32_projection, gathered_logps
 
 
 class Candidates(NamedTuple):
@@ -69,7 +69,7 @@ def _hidden_and_logps(graphdef, params, tokens_qs, positions_qs, segment_ids_qs,
     start = s - num_completion
     # The output at column j predicts token j + 1; the hidden of token j is the state s || y_j.
     source_qc = jnp.arange(q)[:, None] * s + start - 1 + jnp.arange(num_completion)
-    logps_qc = gathered_logps(model.project, hidden_qsd, source_qc, tokens_qs[:, start:])
+    logps_qc = gathered_logps(float32_projection(model), hidden_qsd, source_qc, tokens_qs[:, start:])
     return hidden_qsd[:, start:], logps_qc
 
 

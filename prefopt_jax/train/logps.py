@@ -31,11 +31,20 @@ def model_hidden(model, batch: Mapping[str, Array]) -> Array:
 
 def chunk_target_logps(project: Callable[[Array], Array], hidden_md: Array,
                        targets_m: Array) -> Array:
-    """log p(target) for `m` positions: project, log-softmax in float32, pick the target."""
+    """log p(target) for `m` positions: project, log-softmax in float32, pick the target.
+
+    Logits in a low-precision dtype are widened first; `float32_projection` gives a model's
+    projection that returns float32 logits straight from the matmul's accumulator.
+    """
     logits_mv = project(hidden_md[None])[0].astype(jnp.float32)
     logz_m = jax.nn.logsumexp(logits_mv, axis=-1)
     picked_m = jnp.take_along_axis(logits_mv, targets_m[:, None], axis=-1)[:, 0]
     return picked_m - logz_m
+
+
+def float32_projection(model) -> Callable[[Array], Array]:
+    """`model.project` returning float32 logits (a bf16 model's are not rounded to bf16)."""
+    return lambda hidden: model.project(hidden, jnp.float32)
 
 
 def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_index_qc: Array,
@@ -93,7 +102,7 @@ def token_logps(model, batch: Mapping[str, Array], chunk_size: int = 512) -> Arr
     With the batch's `completion_mask`, only unmasked positions are computed (the others are 0).
     """
     hidden_rtd = model_hidden(model, batch)
-    return gathered_logps(model.project, hidden_rtd, batch["source_index"],
+    return gathered_logps(float32_projection(model), hidden_rtd, batch["source_index"],
                           batch["target_tokens"], chunk_size, batch.get("completion_mask"))
 
 
