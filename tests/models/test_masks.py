@@ -133,3 +133,23 @@ def test_causal_blocks_equal_one_block_with_packing_branches_and_window():
             np.testing.assert_allclose(a, c, atol=1e-5)
     with pytest.raises(ValueError, match="causal_block needs keys = queries"):
         attend(q, kk[:, :100], v[:, :100], mask[..., :100], 64)
+
+
+def test_bf16_attention_computes_in_float32():
+    """bf16 q, k, v: both products and the softmax run in float32 (no bf16-rounded
+    probabilities), the result is cast back once; gradients come back in bf16."""
+    rng = np.random.default_rng(1)
+    b, t, h, k, e = 2, 80, 4, 2, 8
+    seg = jnp.ones((b, t), jnp.int32)
+    mask = attention_mask(seg, jnp.zeros_like(seg), seg, jnp.zeros_like(seg), 0)
+    qkv = [jnp.asarray(rng.normal(size=(b, t, n, e)), jnp.bfloat16) for n in (h, k, k)]
+    wide = [x.astype(jnp.float32) for x in qkv]
+    for block in (None, 64):
+        out = attend(*qkv, mask, block)
+        assert out.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                      np.asarray(attend(*wide, mask, block).astype(jnp.bfloat16),
+                                                 np.float32))
+    grads = jax.grad(lambda *x: jnp.sum(attend(*x, mask).astype(jnp.float32) ** 2),
+                     argnums=(0, 1, 2))(*qkv)
+    assert [g.dtype for g in grads] == [jnp.dtype(jnp.bfloat16)] * 3
