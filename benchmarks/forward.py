@@ -51,11 +51,14 @@ def best_time(fn, *args, steps: int) -> float:
 
 
 def matmul_peak(dtype=jnp.float32, n: int = 2048, steps: int = 10) -> float:
-    """Measured matmul FLOP/s of one ``[n, n] @ [n, n]`` in ``dtype`` (larger on accelerators)."""
+    """Measured matmul FLOP/s of one ``[n, n] @ [n, n]`` in ``dtype`` (larger on accelerators),
+    multiplied as the model does (`models.matmul`: bf16 accumulates in float32)."""
+    from prefopt_jax.models.matmul import matmul
+
     n = n if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(matmul)
     jax.block_until_ready(dot(a, b))
     return 2 * n ** 3 / best_time(dot, a, b, steps=steps)
 
