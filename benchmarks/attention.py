@@ -4,9 +4,9 @@
     python benchmarks/attention.py --rows 5 --length 512 --blocks 32,64,128
 
 Packed rows of several segments (40 to 200 tokens each), SmolLM2-135M's heads (9 query, 3 kv,
-64 wide), float32 or `--dtype bfloat16`. Prints one JSON object per (length, block): the best of `--trials` runs of the
-jitted forward and of the jitted gradient (which includes its forward), and the largest
-difference from the one-block result.
+64 wide), float32 or `--dtype bfloat16`. Prints one JSON object per (length, block): the best
+of `--trials` runs of the jitted forward and of the jitted gradient (which includes its
+forward), and the largest difference from the one-block result.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def _hidden_and_logps(graphdef, params, tokens_qs, positions_qs, segment_ids_qs,
     start = s - num_completion
     # The output at column j predicts token j + 1; the hidden of token j is the state s || y_j.
     source_qc = jnp.arange(q)[:, None] * s + start - 1 + jnp.arange(num_completion)
-    logps_qc = gathered_logps(float32_projection(model), hidden_qsd, source_qc, tokens_qs[:, start:])
+    logps_qc = gathered_logps(float32_projection(model), hidden_qsd, source_qc,
+                              tokens_qs[:, start:])
     return hidden_qsd[:, start:], logps_qc
 
 

@@ -1,4 +1,4 @@
-"""models.matmul: bf16 products accumulate in float32, forward and backward, on XLA:CPU's fast path."""
+"""models.matmul: bf16 products accumulate in float32, forward and backward, on the fast path."""
 
 import re
 
