@@ -230,10 +230,10 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
         hi = min(t, lo + (causal_block or t))
         n, keys = hi - lo, (s if causal_block is None else hi)
         q_bkqe = q_bkgte[:, :, :, lo:hi].reshape(b, k, g * n, e)
-        scores_bkqs = jnp.einsum("bkqe,bkse->bkqs", q_bkqe, k_bkse[:, :, :keys],
-                                 preferred_element_type=jnp.float32) * np.float32(1 / math.sqrt(e))
+        scores_bkqs = jnp.einsum("bkqe,bkse->bkqs", q_bkqe,
+                                 k_bkse[:, :, :keys]) * np.float32(1 / math.sqrt(e))
         scores_bkgns = scores_bkqs.reshape(b, k, g, n, keys) + bias_b11ts[:, :, :, lo:hi, :keys]
-        probs_bkqs = jax.nn.softmax(scores_bkgns, axis=-1).astype(v_bkse.dtype)
+        probs_bkqs = jax.nn.softmax(scores_bkgns, axis=-1)
         out_bkqe = jnp.einsum("bkqs,bkse->bkqe", probs_bkqs.reshape(b, k, g * n, keys),
                               v_bkse[:, :, :keys])
         outs.append(out_bkqe.reshape(b, k, g, n, e))
