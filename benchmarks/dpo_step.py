@@ -87,7 +87,8 @@ def bench_layout(layout: str, mode: str, args) -> dict:
                           dtype=args.dtype, param_dtype="float32")
     model, _ = loop.load_model(spec)
     data = make_data(model, args)
-    loader = Loader(data, args.examples, LayoutConfig(kind=layout), shuffle=False)
+    layout_config = LayoutConfig(kind=layout, length_step=args.length_step)
+    loader = Loader(data, args.examples, layout_config, shuffle=False)
     # own: each batch at its own bucketed shape, as `prefopt train` runs them; agreed: every
     # batch at the largest of them (one compilation).
     shape = loop.agreed_shape(loader, args.steps + 1) if args.shapes == "agreed" else None
@@ -124,7 +125,7 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     return {"framework": "prefopt-jax", "layout": layout, "mode": mode, "dtype": args.dtype,
             "tokens_per_s": logical / seconds, "row_tokens_per_s": tokens / seconds,
             "seconds_per_step": seconds / max(len(times), 1), "steps_timed": len(times),
-            "shapes": args.shapes,
+            "shapes": args.shapes, "length_step": args.length_step,
             "row_shapes": [list(b["tokens"].shape[1:]) for b in batches[1:]],
             "padding_fraction": 1 - tokens / max(positions, 1),
             "achieved_flops": flops / seconds,
@@ -214,6 +215,9 @@ def main() -> None:
     p.add_argument("--shapes", default="own", choices=("own", "agreed"),
                    help="own: each batch at its own bucketed shape, as `prefopt train` runs "
                    "(every shape compiled before timing); agreed: all at the largest")
+    p.add_argument("--length-step", type=int, default=None,
+                   help="LayoutConfig.length_step: row lengths in multiples of this (packed rows "
+                   "chosen per batch) instead of powers of two")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (params and optimiser state stay float32)")
     p.add_argument("--lora-rank", type=int, default=16)

@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--prompt-median", type=float, default=120.0)
     parser.add_argument("--completion-median", type=float, default=220.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--length-step", type=int, default=None,
+                        help="LayoutConfig.length_step (default: power-of-two lengths)")
     args = parser.parse_args()
     data = synthetic_tokenized(args.num_examples, seed=args.seed, prompt_median=args.prompt_median,
                                completion_median=args.completion_median,
@@ -35,7 +37,7 @@ def main() -> None:
     lengths = {name: length_summary(v) for name, v in field_lengths(data).items()}
     print(json.dumps({"lengths": lengths, "examples": len(data), "batch_size": args.batch_size}))
     for kind in LAYOUTS:
-        figures = layout_figures(data, args.batch_size, LayoutConfig(kind=kind))
+        figures = layout_figures(data, args.batch_size, LayoutConfig(kind=kind, length_step=args.length_step))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                           for k, v in figures.__dict__.items()}))
 

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--rows", type=int, default=3, help="examples to print")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch for layouts")
     p.add_argument("--row-length", type=int, default=None, help="packed row length")
+    p.add_argument("--length-step", type=int, default=None,
+                   help="row lengths in multiples of this, packed rows chosen per batch "
+                   "(LayoutConfig.length_step); default powers of two")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.set_defaults(func=run)
     add_build_pairs(sub)
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary())
     print_examples(data, tokenizer, args.rows)
     print_histograms(data)
-    print_layouts(data, args.batch_size, args.row_length)
+    print_layouts(data, args.batch_size, args.row_length, args.length_step)
     return 0
 
 
@@ -102,7 +105,8 @@ def print_histograms(data) -> None:
         print("\n".join(histogram_lines(lengths)))
 
 
-def print_layouts(data, batch_size: int, row_length: int | None) -> None:
+def print_layouts(data, batch_size: int, row_length: int | None,
+                  length_step: int | None = None) -> None:
     """Padding fraction and real tokens per row of each layout over one epoch."""
     from prefopt_jax.data import LAYOUTS, LayoutConfig
     from prefopt_jax.data.stats import layout_figures
@@ -111,7 +115,8 @@ def print_layouts(data, batch_size: int, row_length: int | None) -> None:
     print(f"  {'layout':<14}{'padding':>9}{'tokens/row':>12}{'rows/batch':>12}"
           f"{'row length':>12}{'shapes':>8}")
     for kind in LAYOUTS:
-        f = layout_figures(data, batch_size, LayoutConfig(kind=kind, row_length=row_length))
+        layout = LayoutConfig(kind=kind, row_length=row_length, length_step=length_step)
+        f = layout_figures(data, batch_size, layout)
         print(f"  {kind:<14}{f.padding_fraction:>9.3f}{f.tokens_per_row:>12.1f}"
               f"{f.rows_per_batch:>12.1f}{f.row_length:>12.1f}{f.shapes:>8}")
 

@@ -44,6 +44,11 @@ class LayoutConfig:
     row_length: the fixed row length for packed and prefix_packed (None: bucket of the longest
         example in the data). completion_buckets: allowed C (None: powers of two from 16).
     row_multiple: R is rounded up to a multiple (the data-parallel device count).
+    length_step: finer shapes, fewer padding slots, more compiled shapes. Padded and prefix rows
+        are the batch's longest row rounded up to a multiple of it (instead of a power of two);
+        packed rows get a length per batch: of the multiples of it from the batch's longest unit
+        up to row_length, the one whose rows hold the fewest positions (ties: the shorter rows,
+        whose attention is cheaper). None: power-of-two buckets and fixed packed rows.
     """
 
     kind: str = "padded"
@@ -52,10 +57,17 @@ class LayoutConfig:
     completion_buckets: tuple[int, ...] | None = None
     row_multiple: int = 1
     pad_id: int = 0
+    length_step: int | None = None
 
     def __post_init__(self):
         if self.kind not in LAYOUTS:
             raise ValueError(f"unknown layout {self.kind!r}; expected one of {LAYOUTS}")
+        if self.length_step is not None:
+            if self.length_step < 1:
+                raise ValueError(f"length_step must be a positive number of positions, "
+                                 f"got {self.length_step}")
+            if self.length_buckets is not None:
+                raise ValueError("length_step and length_buckets both set; give one of them")
 
     @property
     def shares_prefix(self) -> bool:
@@ -138,7 +150,9 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
     if not layout.packs:
         rows_per = 1 if layout.shares_prefix else k
         longest = (lp_p + lc_pk.sum(1)) if layout.shares_prefix else (lp_p[:, None] + lc_pk)
-        length = bucket(int(longest.max(initial=1)), layout.length_buckets, "sequence")
+        longest = int(longest.max(initial=1))
+        length = (bucket(longest, layout.length_buckets, "sequence") if layout.length_step is None
+                  else round_up(max(longest, 1), layout.length_step))
         side_k = np.zeros(k, np.int64) if layout.shares_prefix else np.arange(k)
         row_pk = (np.arange(p) * rows_per)[:, None] + side_k[None]
         rows = round_up(num_slots * rows_per, layout.row_multiple)
@@ -146,12 +160,29 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
     length = default_row_length(data, layout)
     need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
     units = np.flatnonzero(need_pk.reshape(-1) > 0)
-    row_u, offset_u, used = first_fit_decreasing(
-        need_pk.reshape(-1)[units], length, data.example_index_n[idx_p][units // k])
+    need_u, example_u = need_pk.reshape(-1)[units], data.example_index_n[idx_p][units // k]
+    if layout.length_step is not None:
+        length = tight_row_length(need_u, length, layout.length_step, layout.row_multiple)
+    row_u, offset_u, used = first_fit_decreasing(need_u, length, example_u)
     row_pk, offset_pk = np.zeros(p * k, np.int64), np.zeros(p * k, np.int64)
     row_pk[units], offset_pk[units] = row_u, offset_u
     rows = round_up(max(used, 1), layout.row_multiple)
     return Placement(row_pk.reshape(p, k), offset_pk.reshape(p, k), Shape(rows, length, c))
+
+
+def tight_row_length(need_u: np.ndarray, limit: int, step: int, row_multiple: int = 1) -> int:
+    """The packed row length, a multiple of `step` below `limit` or `limit` itself, whose
+    first-fit-decreasing rows (rounded up to `row_multiple`) hold the fewest positions; ties go
+    to the shorter rows. A unit longer than `limit` gets `limit` (placing it then raises)."""
+    shortest = round_up(int(need_u.max(initial=1)), step)
+    if shortest >= limit:
+        return limit
+
+    def positions(n: int) -> int:
+        used = first_fit_decreasing(need_u, n, need_u)[2]
+        return round_up(max(used, 1), row_multiple) * n
+
+    return min([*range(shortest, limit, step), limit], key=lambda n: (positions(n), n))
 
 
 def first_fit_decreasing(need_u: np.ndarray, length: int, example_u: np.ndarray):

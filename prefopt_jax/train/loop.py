@@ -48,7 +48,12 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Which data and how it is batched; `source="tiny"` is synthetic data for the tiny model."""
+    """Which data and how it is batched; `source="tiny"` is synthetic data for the tiny model.
+
+    `row_length` and `length_step` are the layout's (`data.LayoutConfig`): the packed row
+    length (None: the bucket of the longest example), and finer per-batch row lengths (multiples
+    of it; less padding, more compiled shapes).
+    """
 
     source: str = "tiny"
     layout: str = "padded"
@@ -57,6 +62,8 @@ class DataSpec:
     max_length: int | None = 512
     tiny_examples: int = 64
     shuffle: bool = True
+    row_length: int | None = None
+    length_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,8 @@ def tiny_data(n: int, seed: int, vocab_size: int, unpaired: bool):
 def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int,
                 row_multiple: int = 1, unpaired: bool = False) -> data_lib.Loader:
     """This host's loader (multi-host: its own slice of the examples)."""
-    layout = data_lib.LayoutConfig(kind=spec.layout, row_multiple=row_multiple)
+    layout = data_lib.LayoutConfig(kind=spec.layout, row_multiple=row_multiple,
+                                   row_length=spec.row_length, length_step=spec.length_step)
     pi, pc = jax.process_index(), jax.process_count()
     per_host = spec.batch_size // pc
     if spec.source == "tiny":

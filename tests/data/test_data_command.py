@@ -39,3 +39,26 @@ def test_inspect_reports_bad_rows(tmp_path, tok_dir, write_jsonl, capsys):
                  "--skip-bad-rows"]) == 0
     out = capsys.readouterr().out
     assert "rows_skipped: 1" in out and "e.g. row 2" in out
+
+
+def layout_table(out):
+    """{layout: (padding, tokens/row, rows/batch, row length, shapes)} from inspect's table."""
+    rows = {}
+    for line in out.split("layouts (")[1].splitlines()[2:]:
+        name, *values = line.split()
+        rows[name] = tuple(float(v) for v in values)
+    return rows
+
+
+def test_inspect_length_step_shows_finer_rows(tmp_path, tok_dir, write_jsonl, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", synthetic_rows(24, "preference", seed=5))
+    args = ["data", "inspect", path, "--model", tok_dir, "--no-cache", "--batch-size", "4"]
+    assert main(args) == 0
+    coarse = layout_table(capsys.readouterr().out)
+    assert main(args + ["--length-step", "8"]) == 0
+    fine = layout_table(capsys.readouterr().out)
+    assert set(fine) == set(coarse) == {"padded", "packed", "prefix", "prefix_packed"}
+    for layout in fine:
+        assert fine[layout][0] <= coarse[layout][0], layout  # padding
+    assert fine["padded"][0] < coarse["padded"][0]
+    assert fine["padded"][3] != coarse["padded"][3]  # mean row length

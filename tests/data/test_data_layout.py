@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prefopt_jax.data import LAYOUTS, DataConfig, LayoutConfig, Shape, make_batch, prepare
-from prefopt_jax.data.layout import bucket, padding_fraction
+from prefopt_jax.data.layout import bucket, padding_fraction, tight_row_length
 from prefopt_jax.data.synthetic import synthetic_rows, synthetic_tokenized
 
 KINDS = {"paired": ("preference", {}), "triple": ("triple", {}), "unpaired": ("unpaired", {}),
@@ -113,3 +113,56 @@ def test_padding_fraction_ordering():
         fractions[kind] = padding_fraction(batch)
     assert fractions["packed"] < 0.1 and fractions["prefix_packed"] < 0.1
     assert fractions["padded"] > fractions["packed"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_length_step_rows_keep_the_contract_and_hold_no_more_positions(datasets_by_kind, layout):
+    data = datasets_by_kind["triple"]
+    idx = np.array([4, 0, 6, 2, 5])
+    coarse = make_batch(data, idx, 6, LayoutConfig(kind=layout))
+    tight = make_batch(data, idx, 6, LayoutConfig(kind=layout, length_step=8))
+    check_batch(tight, data, idx)
+    assert tight["tokens"].shape[1] % 8 == 0 or tight["tokens"].shape[1] == coarse["tokens"].shape[1]
+    assert tight["tokens"].size <= coarse["tokens"].size
+    assert (tight["segment_ids"] > 0).sum() == (coarse["segment_ids"] > 0).sum()
+    if not LayoutConfig(kind=layout).packs:  # the longest row rounded up to 8, not to 2^n
+        longest = int((tight["segment_ids"] > 0).sum(axis=1).max())
+        assert tight["tokens"].shape[1] == -(-longest // 8) * 8
+
+
+def pairs(prompt_lengths, completion_lengths):
+    """TokenizedData of paired examples with the given prompt and (chosen, rejected) lengths."""
+    from prefopt_jax.data.tokenized import from_lists
+    prompts = [np.arange(1, n + 1) for n in prompt_lengths]
+    completions = [np.arange(1, n + 1) for pair in completion_lengths for n in pair]
+    return from_lists("paired", 2, prompts, completions, np.arange(len(prompts)), {})
+
+
+def test_length_step_packs_rows_at_the_length_that_needs_fewest_positions():
+    # Prefix-shared units of 300 and 285 tokens (and a longer one elsewhere in the data, which
+    # sets the fixed row length to 512): two rows of 512, or two rows of 320 with a step of 64.
+    data = pairs([100, 95, 200], [(100, 100), (95, 95), (200, 200)])
+    fixed = make_batch(data, np.arange(2), 2, LayoutConfig(kind="prefix_packed", row_length=1024))
+    assert fixed["tokens"].shape == (1, 1024)
+    layout = LayoutConfig(kind="prefix_packed", row_length=512, length_step=64)
+    tight = make_batch(data, np.arange(2), 2, layout)
+    assert tight["tokens"].shape == (2, 320)
+    check_batch(tight, data, np.arange(2))
+    # Ties in positions go to the shorter rows: four units of 100 in 4 x 128 rather than 2 x 256.
+    assert tight_row_length(np.array([100] * 4), 256, 64) == 128
+    # Three units of 100 fit one row of 320 (against 3 x 128 = 384); with rows rounded up to a
+    # multiple of 2 (the data-parallel devices) that is 2 x 320 = 640 against 4 x 128 = 512.
+    assert tight_row_length(np.array([100] * 3), 384, 64) == 320
+    assert tight_row_length(np.array([100] * 3), 384, 64, row_multiple=2) == 128
+    assert tight_row_length(np.array([200, 50, 50, 150]), 512, 64) == 256
+    # A unit longer than every candidate gets the limit, so placing it names the example.
+    assert tight_row_length(np.array([700]), 512, 64) == 512
+    with pytest.raises(ValueError, match="row 2 needs 600 tokens, more than the packed row length"):
+        make_batch(data, np.arange(3), 3, layout)
+
+
+def test_length_step_is_checked():
+    with pytest.raises(ValueError, match="length_step must be a positive"):
+        LayoutConfig(kind="packed", length_step=0)
+    with pytest.raises(ValueError, match="length_step and length_buckets"):
+        LayoutConfig(length_step=64, length_buckets=(128, 256))

@@ -5,6 +5,7 @@ Every run is the same 1-layer tiny model on 8 synthetic pairs, so runs that buil
 step share one compile through the session's persistent compilation cache.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -24,11 +25,11 @@ MODEL = loop.ModelSpec(overrides={"num_layers": 1})
 DATA = loop.DataSpec(batch_size=4, tiny_examples=8)
 
 
-def train(out_dir, steps=3, reference=ReferenceConfig(), model=MODEL, **loop_kw):
+def train(out_dir, steps=3, reference=ReferenceConfig(), model=MODEL, data=DATA, **loop_kw):
     """Run the loop; returns the metric records it wrote."""
     loop_kw = {"checkpoint_every": 0, "export": False, **loop_kw}
     config = loop.LoopConfig(steps=steps, output_dir=str(out_dir), **loop_kw)
-    loop.train(model, DATA, build.AlgoConfig("dpo", (), reference), OPT, config)
+    loop.train(model, data, build.AlgoConfig("dpo", (), reference), OPT, config)
     return records(out_dir)
 
 
@@ -58,6 +59,14 @@ def test_precomputed_reference_equals_frozen_and_is_cached(tmp_path, frozen, mon
     assert len(os.listdir(tmp_path / "cache")) == 1
     np.testing.assert_allclose(losses(first), losses(frozen), rtol=1e-5)
     np.testing.assert_allclose(losses(second), losses(first), rtol=0)
+
+
+def test_packed_rows_of_a_length_step_train_like_padded_rows(tmp_path, frozen):
+    data = dataclasses.replace(DATA, layout="prefix_packed", length_step=8)
+    loader = loop.make_loader(data, None, 0, 512)
+    lengths = {loader.next_batch()["tokens"].shape[1] for _ in range(4)}
+    assert all(n % 8 == 0 for n in lengths) and any(n & (n - 1) for n in lengths), lengths
+    np.testing.assert_allclose(losses(train(tmp_path, data=data)), losses(frozen), rtol=2e-5)
 
 
 def test_refresh_every_step_keeps_the_dpo_loss_at_log2(tmp_path, frozen):
