@@ -110,7 +110,8 @@ def bench_layout(layout: str, mode: str, args) -> dict:
                 compiled.add(signature)
                 state, metrics = step_fn(state, jax.device_put(b, batch_sh))
                 jax.block_until_ready(metrics)
-        for b in batches[1:]:  # the first batch only warms up, as in TRL's timing
+        # The first batch only warms up, as in TRL's timing; --repeats runs the rest again.
+        for b in batches[1:] * args.repeats:
             t = time.perf_counter()
             state, metrics = step_fn(state, jax.device_put(b, batch_sh))
             jax.block_until_ready(metrics)
@@ -160,7 +161,8 @@ def bench_trl(mode: str, args) -> dict:
         import peft as peft_lib
         peft = peft_lib.LoraConfig(r=args.lora_rank, target_modules="all-linear")
     config = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=args.examples,
-                           max_steps=args.steps + 1, learning_rate=1e-6, use_cpu=True,
+                           max_steps=args.steps * args.repeats + 1, learning_rate=1e-6,
+                           use_cpu=True,
                            gradient_checkpointing=args.remat != "none",
                            report_to=[], save_strategy="no", logging_steps=1,
                            max_length=args.max_length, dataset_num_proc=1,
@@ -175,7 +177,8 @@ def bench_trl(mode: str, args) -> dict:
     # the non-padding tokens its own batches carried (prompt + chosen and prompt + rejected rows).
     tokens = timer.tokens[-1] - timer.tokens[0]
     return {"framework": "trl " + trl.__version__, "layout": "padded", "mode": mode,
-            "dtype": args.dtype, "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps,
+            "dtype": args.dtype, "tokens_per_s": tokens / seconds,
+            "seconds_per_step": seconds / (len(timer.times) - 1),
             "steps_timed": len(timer.times) - 1,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
@@ -212,6 +215,9 @@ def main() -> None:
     p.add_argument("--prompt-median", type=float, default=60)
     p.add_argument("--completion-median", type=float, default=100)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time the steps this many times over (TRL: as many more steps, its "
+                   "data loader reshuffling each epoch); figures are totals over all of them")
     p.add_argument("--shapes", default="own", choices=("own", "agreed"),
                    help="own: each batch at its own bucketed shape, as `prefopt train` runs "
                    "(every shape compiled before timing); agreed: all at the largest")
