@@ -152,7 +152,7 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
         longest = (lp_p + lc_pk.sum(1)) if layout.shares_prefix else (lp_p[:, None] + lc_pk)
         longest = int(longest.max(initial=1))
         length = (bucket(longest, layout.length_buckets, "sequence") if layout.length_step is None
-                  else round_up(max(longest, 1), layout.length_step))
+                  else round_up(longest, layout.length_step))
         side_k = np.zeros(k, np.int64) if layout.shares_prefix else np.arange(k)
         row_pk = (np.arange(p) * rows_per)[:, None] + side_k[None]
         rows = round_up(num_slots * rows_per, layout.row_multiple)
