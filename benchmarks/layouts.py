@@ -37,7 +37,8 @@ def main() -> None:
     lengths = {name: length_summary(v) for name, v in field_lengths(data).items()}
     print(json.dumps({"lengths": lengths, "examples": len(data), "batch_size": args.batch_size}))
     for kind in LAYOUTS:
-        figures = layout_figures(data, args.batch_size, LayoutConfig(kind=kind, length_step=args.length_step))
+        layout = LayoutConfig(kind=kind, length_step=args.length_step)
+        figures = layout_figures(data, args.batch_size, layout)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                           for k, v in figures.__dict__.items()}))
 

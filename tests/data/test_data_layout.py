@@ -143,8 +143,8 @@ def test_length_step_packs_rows_at_the_length_that_needs_fewest_positions():
     # Prefix-shared units of 300 and 285 tokens (and a longer one elsewhere in the data, which
     # sets the fixed row length to 512): two rows of 512, or two rows of 320 with a step of 64.
     data = pairs([100, 95, 200], [(100, 100), (95, 95), (200, 200)])
-    fixed = make_batch(data, np.arange(2), 2, LayoutConfig(kind="prefix_packed", row_length=1024))
-    assert fixed["tokens"].shape == (1, 1024)
+    fixed = make_batch(data, np.arange(2), 2, LayoutConfig(kind="prefix_packed", row_length=512))
+    assert fixed["tokens"].shape == (2, 512)
     layout = LayoutConfig(kind="prefix_packed", row_length=512, length_step=64)
     tight = make_batch(data, np.arange(2), 2, layout)
     assert tight["tokens"].shape == (2, 320)
