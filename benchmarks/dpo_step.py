@@ -2,9 +2,10 @@
 
     python benchmarks/dpo_step.py --model smollm2-135m-instruct --examples 8 --steps 2
     python benchmarks/dpo_step.py --model tiny            # seconds, for a smoke check
+    python benchmarks/dpo_step.py --model random:llama-3.2-1b --dtype bfloat16   # on a GPU
 
 Prints one JSON object per layout. MFU is against a measured matmul peak of this machine in the
-compute dtype (6 * params * tokens FLOPs per step, tokens = non-padding row positions).
+compute dtype (6 or 8 FLOPs per weight per token: see `bench_layout`).
 `--dtype bfloat16` computes in bfloat16 with float32 params and optimiser state on both sides
 (prefopt-jax `ModelConfig.dtype`; TRL `bf16=True`, torch autocast). With torch, trl and
 peft installed (`pip install torch==2.13.0 trl peft`; not project dependencies), TRL's
@@ -31,16 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def matmul_peak_flops(dtype: str = "float32", n: int = 1536, reps: int = 5,
+def matmul_peak_flops(dtype: str = "float32", n: int | None = None, reps: int = 5,
                       trials: int = 5) -> float:
     """Measured matmul FLOP/s in `dtype`, the best of `trials` (the MFU denominator).
 
     The best rather than the mean: a single short trial on a shared CPU varies by 2x. bf16
     multiplies the way the model does (`models.matmul`: float32 accumulation), which on CPUs
-    with bf16 dot instructions is about twice float32's rate.
+    with bf16 dot instructions is about twice float32's rate. n x n by n x n products, n 1536 on
+    a CPU and 8192 on an accelerator (smaller ones leave a GPU's tensor cores partly idle).
     """
     from prefopt_jax.models.matmul import matmul
 
+    n = n or (1536 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: matmul(x, x))
     f(a).block_until_ready()
@@ -99,9 +102,12 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     lora = LoraConfig(rank=args.lora_rank) if mode == "lora" else None
     algo = build.AlgoConfig("dpo", (), ReferenceConfig(kind="lora" if lora else "frozen"))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    cfg = model.config
+    head = cfg.vocab_size * cfg.hidden_size  # the vocabulary projection (tied or not)
+    body = n_params - head * (1 if cfg.tie_word_embeddings else 2)  # less the embedding table
     _, state, step_fn, batch_sh = build.build(model, algo, opt, batches[0], mesh, lora=lora,
                                               logps_chunk=args.chunk)
-    times, tokens, positions, logical = [], 0, 0, 0
+    times, tokens, positions, logical, projected = [], 0, 0, 0, 0
     with jax.set_mesh(mesh):
         compiled = set()
         for b in batches:  # warm-up: one untimed step per shape, so no timed step compiles
@@ -118,12 +124,18 @@ def bench_layout(layout: str, mode: str, args) -> dict:
             times.append(time.perf_counter() - t)
             tokens += int(np.sum(b["segment_ids"] > 0))
             positions += b["tokens"].size
+            projected += int(np.sum(b["completion_mask"] > 0))
             logical += logical_tokens(data, {"example_index": b["example_index"][0]})
     seconds = sum(times)
-    # Full: forward + backward of the policy (6 N per token) + reference forward (2 N).
-    # LoRA: the weight-gradient matmuls are skipped (4 N + 2 N for the reference).
-    flops = (8 if mode == "full" else 6) * n_params * tokens
-    return {"framework": "prefopt-jax", "layout": layout, "mode": mode, "dtype": args.dtype,
+    # Model FLOPs: 2 per weight per token forward. The body's weights act on every real row
+    # position, the vocabulary projection only on the completion positions whose log-prob the
+    # loss needs (the embedding lookup is no matmul). Full: forward + backward of the policy
+    # (6 per weight) + the reference's forward (2). LoRA: no weight-gradient matmuls (4 + 2).
+    # Attention's score and value products are left out (a few % at these lengths).
+    flops = (8 if mode == "full" else 6) * (body * tokens + head * projected)
+    return {"framework": "prefopt-jax", "model": args.model,
+            "device": jax.devices()[0].device_kind, "params": n_params, "layout": layout,
+            "mode": mode, "dtype": args.dtype,
             "tokens_per_s": logical / seconds, "row_tokens_per_s": tokens / seconds,
             "seconds_per_step": seconds / max(len(times), 1), "steps_timed": len(times),
             "shapes": args.shapes, "length_step": args.length_step,
@@ -208,7 +220,10 @@ def run_one(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a built-in name, a HF directory or .gguf, tiny, or random:NAME (a "
+                   "released architecture with random weights, e.g. random:llama-3.2-1b; "
+                   "prefopt_jax.models.presets)")
     p.add_argument("--examples", type=int, default=8, help="pairs per batch")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--max-length", type=int, default=512)
@@ -264,12 +279,17 @@ def main() -> None:
 
 
 def configurations(args):
-    """(framework, layout, mode) triples; TRL only when it is installed, padded only."""
+    """(framework, layout, mode) triples; TRL only when it is installed, padded only, and the
+    model has a tokenizer (TRL re-tokenises text; tiny and random:NAME models have none)."""
+    from prefopt_jax.models import presets
+
+    trl = (importlib.util.find_spec("trl") and args.model != "tiny"
+           and not presets.is_random(args.model))
     for mode in args.modes.split(","):
         if "prefopt" in args.frameworks:
             for layout in args.layouts.split(","):
                 yield "prefopt", layout, mode
-        if "trl" in args.frameworks and importlib.util.find_spec("trl"):
+        if "trl" in args.frameworks and trl:
             yield "trl", "padded", mode
 
 

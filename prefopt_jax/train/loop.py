@@ -22,6 +22,7 @@ from flax import nnx
 
 from prefopt_jax import data as data_lib
 from prefopt_jax.models import lora as lora_lib
+from prefopt_jax.models import presets
 from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.train import build, optim, refcache, reference, tiny
 from prefopt_jax.train.checkpoint import Checkpointer
@@ -31,7 +32,8 @@ from prefopt_jax.train.state import policy_params
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which model: `tiny` (random, for smoke runs), a built-in name, a HF directory or .gguf.
+    """Which model: `tiny` (random, for smoke runs), `random:NAME` (a released architecture with
+    random weights, `models.presets`), a built-in name, a HF directory or .gguf.
 
     `overrides` are ModelConfig fields (e.g. remat_policy, scan_layers) as (name, value) pairs.
     """
@@ -96,6 +98,10 @@ def load_model(spec: ModelSpec):
         config = tiny.config(dtype=dtype, param_dtype=overrides.pop("param_dtype", dtype),
                              **overrides)
         return tiny_model(config), None
+    if presets.is_random(spec.source):
+        config = presets.config(spec.source, dtype=dtype,
+                                param_dtype=overrides.pop("param_dtype", dtype), **overrides)
+        return tiny_model(config), None
     from prefopt_jax.models import from_pretrained
     return from_pretrained(spec.source, dtype=dtype, **overrides)
 
@@ -132,6 +138,11 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int,
         local = full.select(np.arange(lo, hi)) if pc > 1 else full
         return data_lib.Loader(local, per_host, layout, seed=seed, shuffle=spec.shuffle,
                                num_epochs=None)
+    if tokenizer is None:
+        raise ValueError(f"DataSpec.source={spec.source!r} needs a tokenizer and the model has "
+                         "none (a random:NAME architecture, or a model directory without "
+                         "tokenizer files); use DataSpec.source='tiny' (synthetic tokens) or a "
+                         "model that ships its tokenizer")
     config = data_lib.DataConfig(max_length=spec.max_length, seed=seed)
     prepared, report = data_lib.prepare(data_lib.open_source(spec.source), tokenizer, config,
                                         pi, pc)
