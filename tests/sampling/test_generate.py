@@ -20,14 +20,25 @@ def model():
     return Transformer(config, rngs=nnx.Rngs(0))
 
 
-def greedy_without_cache(model, prompt, n_new):
-    """Reference: re-runs the full forward on the growing sequence, no KV cache."""
+@nnx.jit
+def _forward(model, tokens, positions):
+    return model(tokens, positions)
+
+
+def greedy_without_cache(model, prompt, n_new, width=16):
+    """Reference: re-runs the full forward on the growing sequence, no KV cache.
+
+    The sequence is right-padded to `width` (one compiled shape); causal attention keeps the
+    padding out of every real position's logits.
+    """
     seq = list(prompt)
     logps = []
     for _ in range(n_new):
-        tokens = jnp.asarray([seq], jnp.int32)
-        positions = jnp.arange(len(seq), dtype=jnp.int32)[None]
-        logp_v = jax.nn.log_softmax(model(tokens, positions)[0, -1].astype(jnp.float32))
+        assert len(seq) <= width
+        tokens = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
+        positions = jnp.arange(width, dtype=jnp.int32)[None]
+        logits = _forward(model, tokens, positions)[0, len(seq) - 1]
+        logp_v = jax.nn.log_softmax(logits.astype(jnp.float32))
         seq.append(int(jnp.argmax(logp_v)))
         logps.append(float(logp_v[seq[-1]]))
     return seq[len(prompt):], logps
