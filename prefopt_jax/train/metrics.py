@@ -32,6 +32,26 @@ def truncate_jsonl(path: str, last_step: int) -> None:
         f.writelines(kept)
 
 
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet.
+
+    tensorboardX imports torch when it can (to accept torch tensors); that costs a `prefopt`
+    process about 2 s and a few hundred MB, for scalars that are Python floats here. Marking
+    torch absent for the duration of the import makes tensorboardX take its numpy-only path.
+    """
+    import sys
+
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """JSONL + TensorBoard + progress; a no-op on processes other than 0."""
 
@@ -44,8 +64,7 @@ class MetricsWriter:
             return
         os.makedirs(directory, exist_ok=True)
         truncate_jsonl(self.path, resume_step)
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(directory, "tb"))
+        self.tb = summary_writer_class()(os.path.join(directory, "tb"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """One record per step: JSONL line and TensorBoard scalars."""
