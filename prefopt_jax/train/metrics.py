@@ -36,7 +36,7 @@ def summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet.
 
     tensorboardX imports torch when it can (to accept torch tensors); that costs a `prefopt`
-    process about 2 s and a few hundred MB, for scalars that are Python floats here. Marking
+    process about 2 s and 200 MB, for scalars that are Python floats here. Marking
     torch absent for the duration of the import makes tensorboardX take its numpy-only path.
     """
     import sys
