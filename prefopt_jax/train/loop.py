@@ -107,6 +107,7 @@ def load_model(spec: ModelSpec):
 
 
 def tiny_model(config):
+    """A model of `config` with random weights (seed 0): the tiny one, or a random:NAME one."""
     from prefopt_jax.models import Transformer
     return Transformer(config, rngs=nnx.Rngs(0))
 
