@@ -138,7 +138,7 @@ def bench_layout(layout: str, mode: str, args) -> dict:
             "mode": mode, "dtype": args.dtype,
             "tokens_per_s": logical / seconds, "row_tokens_per_s": tokens / seconds,
             "seconds_per_step": seconds / max(len(times), 1), "steps_timed": len(times),
-            "shapes": args.shapes, "length_step": args.length_step,
+            "step_seconds": [round(x, 3) for x in times], "shapes": args.shapes, "length_step": args.length_step,
             "row_shapes": [list(b["tokens"].shape[1:]) for b in batches[1:]],
             "padding_fraction": 1 - tokens / max(positions, 1),
             "achieved_flops": flops / seconds,
