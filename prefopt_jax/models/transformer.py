@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,12 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
+# XLA:CPU drops the optimisation barriers of jax.checkpoint before its CSE and schedules freely
+# across unrolled layers, so the recomputation merges back into the forward pass: a remat
+# policy saves no memory unless the layers are a scan (measured, tests/models/test_remat.py).
+UNROLLED_REMAT_ON_CPU = (
+    "remat_policy={!r} with scan_layers=False saves no activation memory on XLA:CPU (it merges "
+    "the recomputation back into the forward pass); set scan_layers=True as well")
 # Added to masked attention scores: exp underflows to exactly 0 next to any real score, and
 # far enough from float32's minimum that adding a score cannot overflow to -inf.
 MASKED_SCORE = -1e30
@@ -57,6 +64,10 @@ class ModelConfig:
     ``attention_bias`` puts biases on q/k/v, ``attention_out_bias`` on the output projection
     (HF Llama's ``attention_bias`` sets both; Qwen2 has only the first).
     ``sliding_window`` (Mistral) limits attention to keys fewer than that many rows back.
+    ``scan_layers`` stacks the layers' parameters on a leading axis and runs them as one
+    ``nnx.scan`` (one layer compiled, not L); ``remat_policy`` recomputes each layer's
+    activations in the backward pass instead of storing them. On XLA:CPU remat needs
+    ``scan_layers`` to save anything (``UNROLLED_REMAT_ON_CPU``).
     """
 
     vocab_size: int = 128
@@ -439,6 +450,8 @@ class Transformer(nnx.Module):
         step = _block_step
         policy_name = self.config.remat_policy
         if policy_name != "none":
+            if not self.config.scan_layers and jax.default_backend() == "cpu":
+                warnings.warn(UNROLLED_REMAT_ON_CPU.format(policy_name), stacklevel=2)
             # prevent_cse is only needed outside scan (scan already blocks CSE across the remat).
             step = nnx.remat(step, policy=REMAT_POLICIES[policy_name],
                              prevent_cse=not self.config.scan_layers)
