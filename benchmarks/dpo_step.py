@@ -3,6 +3,9 @@
     python benchmarks/dpo_step.py --model smollm2-135m-instruct --examples 8 --steps 2
     python benchmarks/dpo_step.py --model tiny            # seconds, for a smoke check
     python benchmarks/dpo_step.py --model random:llama-3.2-1b --dtype bfloat16   # on a GPU
+    python benchmarks/dpo_step.py --scan-layers --remat full   # the default 8 pairs in 24 GB
+
+(On XLA:CPU `--remat` saves memory only with `--scan-layers`: benchmarks/README.md.)
 
 Prints one JSON object per layout. MFU is against a measured matmul peak of this machine in the
 compute dtype (6 or 8 FLOPs per weight per token: see `bench_layout`).
@@ -86,7 +89,8 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     from prefopt_jax.train import build, loop, optim
     from prefopt_jax.train.reference import ReferenceConfig
 
-    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat},
+    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat,
+                                                          "scan_layers": args.scan_layers},
                           dtype=args.dtype, param_dtype="float32")
     model, _ = loop.load_model(spec)
     data = make_data(model, args)
@@ -108,7 +112,11 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     _, state, step_fn, batch_sh = build.build(model, algo, opt, batches[0], mesh, lora=lora,
                                               logps_chunk=args.chunk)
     times, tokens, positions, logical, projected = [], 0, 0, 0, 0
+    compiled_temp = None
     with jax.set_mesh(mesh):
+        if args.compiled_memory:  # XLA's buffer assignment for the first timed batch's shape
+            lowered = step_fn.lower(state, jax.device_put(batches[1], batch_sh))
+            compiled_temp = lowered.compile().memory_analysis().temp_size_in_bytes / 2 ** 30
         compiled = set()
         for b in batches:  # warm-up: one untimed step per shape, so no timed step compiles
             signature = tuple((k, v.shape) for k, v in sorted(b.items()))
@@ -143,7 +151,9 @@ def bench_layout(layout: str, mode: str, args) -> dict:
             "row_shapes": [list(b["tokens"].shape[1:]) for b in batches[1:]],
             "padding_fraction": 1 - tokens / max(positions, 1),
             "achieved_flops": flops / seconds,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "scan_layers": args.scan_layers, "remat": args.remat,
+            **({} if compiled_temp is None else {"compiled_temp_gb": compiled_temp})}
 
 
 def bench_trl(mode: str, args) -> dict:
@@ -193,6 +203,7 @@ def bench_trl(mode: str, args) -> dict:
             "dtype": args.dtype, "tokens_per_s": tokens / seconds,
             "seconds_per_step": seconds / (len(timer.times) - 1),
             "steps_timed": len(timer.times) - 1,
+            "gradient_checkpointing": args.remat != "none",
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -245,6 +256,11 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--remat", default="none", help="model remat policy, LoRA included (and "
                    "TRL gradient checkpointing when not none)")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="ModelConfig.scan_layers: the layers as one scanned (stacked) block")
+    p.add_argument("--compiled-memory", action="store_true",
+                   help="add compiled_temp_gb: XLA's temp buffers of the step at the first timed "
+                   "batch's shape (activations and workspace; params and state not included)")
     p.add_argument("--layouts", default="padded,packed,prefix,prefix_packed")
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--frameworks", default="prefopt,trl")
