@@ -37,6 +37,7 @@ def unstacked(grads, config):
     return {**grads, "layers": layers}
 
 
+@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
 def test_scan_and_remat_match_plain(tiny_model, tiny_params, forward):
     """Scanned + rematerialised (dots_saveable): same loss, logits and gradients as plain.
 

@@ -63,6 +63,7 @@ def loss_and_grads(config, params, adapters):
     return float(total) / float(count), grads
 
 
+@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
 @pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "none"), (False, "full")])
 def test_lora_step_with_scan_and_remat_equals_plain(scan, remat):
     params = nnx.to_pure_dict(nnx.state(Transformer(PLAIN, rngs=nnx.Rngs(7)), nnx.Param))
@@ -91,6 +92,7 @@ def relative_error(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
 
 
+@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "dots_saveable"),
                                         (False, "full")])
 def test_bf16_compute_lora_step_is_close_to_float32(scan, remat):

@@ -129,6 +129,7 @@ def test_bf16_params_keep_float32_optimizer_state():
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
 def test_remat_policy_gives_the_same_losses_and_updates():
     batches = [numpy_batch(seed=s) for s in (0, 10)]
     plain, out_plain = run(build.AlgoConfig("dpo"), batches=batches)
