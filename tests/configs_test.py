@@ -7,11 +7,9 @@ must fail with a message that names the missing input, not silently.
 import glob
 import os
 
-import gin
 import pytest
 
 from prefopt_jax import registry
-from prefopt_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/**/*.gin",

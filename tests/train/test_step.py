@@ -57,7 +57,6 @@ def test_accumulation_equals_one_big_batch():
     """Two micro-batches of 4 pairs (one filler) equal one batch of those 8 pairs."""
     micro = [tiny.batch("padded", seed=s, valid=3) for s in (1, 2)]
     big = {k: np.concatenate([b[k] for b in micro]) for k in micro[0]}
-    q = micro[0]["source_index"].shape[0]
     rows = micro[0]["tokens"].shape[0] * micro[0]["tokens"].shape[1]
     big["source_index"] = np.concatenate([micro[0]["source_index"],
                                           micro[1]["source_index"] + rows])
