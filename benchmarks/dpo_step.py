@@ -110,7 +110,7 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     head = cfg.vocab_size * cfg.hidden_size  # the vocabulary projection (tied or not)
     body = n_params - head * (1 if cfg.tie_word_embeddings else 2)  # less the embedding table
     _, state, step_fn, batch_sh = build.build(model, algo, opt, batches[0], mesh, lora=lora,
-                                              logps_chunk=args.chunk)
+                                              logps_chunk=args.chunk, donate=True)
     times, tokens, positions, logical, projected = [], 0, 0, 0, 0
     compiled_temp = None
     with jax.set_mesh(mesh):

@@ -119,8 +119,15 @@ def split_model(model: nnx.Module, setup_lora: lora_lib.LoraConfig | None, seed:
     return graphdef, adapters, params, rest
 
 
-def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed: int):
-    """The initial TrainState, built under jit with out_shardings from the logical axes."""
+def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed: int,
+                donate: bool = False):
+    """The initial TrainState, built under jit with out_shardings from the logical axes.
+
+    `donate=True` hands the model's arrays over to the state: the state's params (or LoRA base)
+    reuse their buffers instead of copying them, so the weights are never held twice, and the
+    arrays passed in (and the model they came from) are deleted. Use it when the model is not
+    needed again, as `prefopt train` does.
+    """
     loss_state = initial_loss_state(setup, batch_m)
     init = lambda p, b, r: step_lib.init_state(setup, p, b, r, loss_state, seed)  # noqa: E731
     abstract = jax.eval_shape(init, params, base, rest)
@@ -128,17 +135,22 @@ def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed:
     arg_sh = tree_shardings((params, base, rest), mesh)
     with jax.set_mesh(mesh):
         args = jax.device_put((params, base, rest), arg_sh)
-        state = jax.jit(init, out_shardings=shardings)(*args)
+        donated = (0, 1, 2) if donate else ()
+        state = jax.jit(init, out_shardings=shardings, donate_argnums=donated)(*args)
     return state, abstract
 
 
 def build(model: nnx.Module, algo: AlgoConfig, optim_config: optim.OptimConfig, batch_m,
           mesh: Mesh, lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512,
-          seed: int = 0):
-    """(setup, state, step_fn, batch_shardings) ready to train on batches shaped like `batch_m`."""
+          seed: int = 0, donate: bool = False):
+    """(setup, state, step_fn, batch_shardings) ready to train on batches shaped like `batch_m`.
+
+    `donate=True`: the state takes over the model's arrays (`place_state`); `model` is unusable
+    afterwards.
+    """
     graphdef, params, base, rest = split_model(model, lora, seed)
     setup = make_setup(graphdef, algo, optim_config, lora, logps_chunk)
-    state, abstract = place_state(setup, params, base, rest, batch_m, mesh, seed)
+    state, abstract = place_state(setup, params, base, rest, batch_m, mesh, seed, donate)
     step_fn, _, batch_sh = step_lib.compile_train_step(setup, abstract, batch_m, mesh)
     return setup, state, step_fn, batch_sh
 

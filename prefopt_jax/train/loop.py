@@ -261,7 +261,9 @@ def start(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
             params if base is None else base, rest, loop.logps_chunk)
     probe = next_batch_m(loader, data_spec.micro_batches, ref_cache)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
-    state, abstract = build.place_state(setup, params, base, rest, probe, mesh, loop.seed)
+    # The state takes over the loaded weights (donated): they are never held twice.
+    state, abstract = build.place_state(setup, params, base, rest, probe, mesh, loop.seed,
+                                        donate=True)
     step_fn, state_sh, batch_sh = build.step_lib.compile_train_step(setup, abstract, probe,
                                                                     mesh)
     return Run(setup, state, step_fn, batch_sh, abstract, state_sh, loader, tokenizer, mesh,

@@ -156,3 +156,34 @@ def test_untrainable_choices_fail_before_any_compute(loss, kind, match):
     graphdef = nnx.split(Transformer(tiny.CONFIG, rngs=nnx.Rngs(0)))[0]
     with pytest.raises(ValueError, match=match):
         build.make_setup(graphdef, build.AlgoConfig(loss, (), ReferenceConfig(kind=kind)), OPT)
+
+
+@pytest.mark.parametrize("lora", [None, lora_lib.LoraConfig(rank=2)], ids=["full", "lora"])
+def test_donated_weights_are_taken_over_not_copied(lora):
+    """`donate=True`: the state's weights live in the loaded model's buffers (no second copy),
+    the model's arrays are gone, and the state equals the one built without donation."""
+    batch_m = numpy_batch()
+    mesh = sharding_lib.make_mesh((1, 1, 1))
+    algo = build.AlgoConfig("dpo", (), ReferenceConfig(kind="lora" if lora else "frozen"))
+    setup = None
+    states = {}
+    for donate in (False, True):
+        model = Transformer(tiny.CONFIG, rngs=nnx.Rngs(0))
+        graphdef, params, base, rest = build.split_model(model, lora, seed=0)
+        weights = params if lora is None else base
+        setup = setup or build.make_setup(graphdef, algo, OPT, lora)
+        pointers = {path: var.get_value().unsafe_buffer_pointer()
+                    for path, var in nnx.to_flat_state(weights)}
+        state, _ = build.place_state(setup, params, base, rest, batch_m, mesh, seed=0,
+                                     donate=donate)
+        held = state.params if lora is None else state.base
+        shared = [path for path, var in nnx.to_flat_state(held)
+                  if var.get_value().unsafe_buffer_pointer() == pointers[path]]
+        deleted = [var.get_value().is_deleted() for _, var in nnx.to_flat_state(weights)]
+        if donate:
+            assert len(shared) == len(pointers) and all(deleted)
+        else:
+            assert not shared and not any(deleted)
+        states[donate] = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(states[False]), jax.tree.leaves(states[True])):
+        np.testing.assert_array_equal(a, b)
