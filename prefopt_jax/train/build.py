@@ -123,10 +123,12 @@ def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed:
                 donate: bool = False):
     """The initial TrainState, built under jit with out_shardings from the logical axes.
 
-    `donate=True` hands the model's arrays over to the state: the state's params (or LoRA base)
-    reuse their buffers instead of copying them, so the weights are never held twice, and the
-    arrays passed in (and the model they came from) are deleted. Use it when the model is not
-    needed again, as `prefopt train` does.
+    `donate=True` hands the model's arrays over to the state: where the mesh keeps them where
+    they are (one device), the state's params (or LoRA base) reuse their buffers instead of
+    copying them, so the weights are never held twice, and the arrays passed in (and the model
+    they came from) are deleted. Where the mesh reshards them, the resharded copies are donated
+    and the loaded arrays are freed when the caller drops the model. Use it when the model is
+    not needed again, as `prefopt train` does.
     """
     loss_state = initial_loss_state(setup, batch_m)
     init = lambda p, b, r: step_lib.init_state(setup, p, b, r, loss_state, seed)  # noqa: E731
