@@ -1,7 +1,9 @@
-"""Objectives library: arrays in, arrays out. `get(name)` returns a registered loss.
+"""Objectives library: arrays in, arrays out. `get(name)` returns a registered loss, `info(name)`
+its declaration (inputs, reference, coupling, needs, paper), `compose(...)` an objective as a
+config names it (a loss or a mix, with modifiers).
 
 Importing this package registers every objective (pairwise, unpaired, listwise, reward-model,
-token-level, online RL) and the `mpo` mixture; modifiers live in `prefopt_jax.losses.modifiers`.
+token-level, online RL) and the `mpo` mixture. docs/objectives.md lists them all.
 """
 
 from prefopt_jax.losses import (listwise, modifiers, pairwise, rewards,  # noqa: F401 (register)
@@ -11,12 +13,17 @@ from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, 
                                      UnpairedInputs,
                                      listwise_from_flat, mean_loss, metric_values, pair_logps,
                                      pairwise_from_interleaved, seq_reduce)
-from prefopt_jax.losses.modifiers import f_divergence, ld_dpo, mix, reference_free, wpo
-from prefopt_jax.losses.registry import LossInfo, UnknownLossError, get, info, names, register
+from prefopt_jax.losses.modifiers import MODIFIERS, f_divergence, ld_dpo, mix, reference_free, wpo
+from prefopt_jax.losses.objective import Objective, compose
+from prefopt_jax.losses.registry import (INPUTS, NEEDS, LossInfo, ObjectiveError,
+                                         UnknownLossError, get, hyper_defaults, info, names,
+                                         register)
 
 __all__ = [
-    "DistillInputs", "ListwiseInputs", "LossInfo", "LossOutput", "PairLogps", "PairwiseInputs",
-    "RewardPairInputs", "RolloutInputs", "UnknownLossError", "UnpairedInputs", "f_divergence",
-    "get", "info", "ld_dpo", "listwise_from_flat", "mean_loss", "metric_values", "mix", "names",
-    "pair_logps", "pairwise_from_interleaved", "reference_free", "register", "seq_reduce", "wpo",
+    "DistillInputs", "INPUTS", "ListwiseInputs", "LossInfo", "LossOutput", "MODIFIERS", "NEEDS",
+    "Objective", "ObjectiveError", "PairLogps", "PairwiseInputs", "RewardPairInputs",
+    "RolloutInputs", "UnknownLossError", "UnpairedInputs", "compose", "f_divergence", "get",
+    "hyper_defaults", "info", "ld_dpo", "listwise_from_flat", "mean_loss", "metric_values", "mix",
+    "names", "pair_logps", "pairwise_from_interleaved", "reference_free", "register",
+    "seq_reduce", "wpo",
 ]

@@ -130,17 +130,21 @@ class RewardPairInputs:
 
 @flax.struct.dataclass
 class DistillInputs:
-    """Full-vocabulary logits of one completion per row (token-level distillation).
+    """Per-token distillation terms of every completion (token-level distillation).
+
+    The vocabulary-wide part of a distillation objective is a per-token function of the
+    student's, the teacher's and the reference's logits (`LossInfo.token_terms`, e.g.
+    `tokenlevel.aligndistil_terms`); the engine evaluates it in the log-prob chunks, so no
+    `[N, C, V]` logits exist, and passes the results here.
 
     Fields:
-      logits_ncv: [N, C, V] student (policy) logits at the completion positions.
-      dpo_logits_ncv, ref_logits_ncv: [N, C, V] frozen DPO-teacher and reference logits.
-      mask_nc: [N, C] completion mask; valid_n, weight_n as above.
+      kl_nc: [N, C] per-token divergence of the student from the teacher (with gradient).
+      teacher_weight_nc: [N, C] per-token teacher weights (frozen).
+      mask_nc: [N, C] completion mask; valid_n, weight_n as in UnpairedInputs.
     """
 
-    logits_ncv: Array
-    dpo_logits_ncv: Array
-    ref_logits_ncv: Array
+    kl_nc: Array
+    teacher_weight_nc: Array
     mask_nc: Array
     valid_n: Array | None = None
     weight_n: Array | None = None

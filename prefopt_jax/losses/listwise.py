@@ -1,4 +1,4 @@
-"""Listwise preference losses over K ranked completions (ALGORITHMS.md section 2).
+"""Listwise preference losses over K ranked completions (docs/objectives.md).
 
 Shape letters: `p` prompts (lists), `k`/`j` list items, `c` completion positions.
 Items with `item_valid_pk = 0` (lists shorter than K) take no part in any sum.
@@ -57,7 +57,9 @@ def rank_order(key_pk: Array, item_pk: Array) -> Array:
     return jnp.argsort(jnp.where(item_pk > 0, -f32(key_pk), BIG), axis=-1, stable=True)
 
 
-@register("plackett_luce")
+@register("plackett_luce", inputs="listwise", reference=True,
+          paper=("Direct Preference Optimization: Your Language Model is Secretly a Reward Model "
+                 "(Plackett-Luce rankings)"))
 def plackett_luce(inputs: ListwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """Listwise DPO (Plackett-Luce): `-sum_k [s_tau(k) - logsumexp_{j>=k} s_tau(j)]`, s = b D.
 
@@ -94,7 +96,8 @@ def current_ranks(s_pk: Array, item_pk: Array) -> Array:
     return 1.0 + jnp.sum(ahead_pkk, axis=-1).astype(jnp.float32)
 
 
-@register("lipo_lambda")
+@register("lipo_lambda", inputs="listwise", reference=True,
+          paper="LiPO: Listwise Preference Optimization through Learning-to-Rank")
 def lipo_lambda(inputs: ListwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """LiPO-lambda: `-sum_{psi_i > psi_j} Delta_ij log s(s_i - s_j)`, s = b D.
 

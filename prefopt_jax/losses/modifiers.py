@@ -1,10 +1,13 @@
 """Composable loss modifiers: each takes a loss (or its registry name) and returns a loss.
 
-- `mix`: weighted sum of several losses (MPO).
+- `mix`: weighted sum of several losses (MPO); configs reach it as `AlgoConfig.mix`.
 - `f_divergence`: psi applied to each log-ratio before forming h (margin losses only).
 - `wpo`: multiply each pair's loss by frozen WPO weights `w_w * w_l`.
 - `ld_dpo`: length-desensitised sums via token weights (policy AND reference).
 - `reference_free`: drop the reference (its log-probs read as 0).
+
+`MODIFIERS` declares each of the last four for configs (`AlgoConfig.modifiers`): what it wraps,
+what it adds to the objective's needs, and what it refuses (`losses.objective.compose`).
 
 Shape letters: `p` pairs, `c` completion positions, `v` vocabulary.
 """
@@ -61,7 +64,10 @@ def mix(components: Sequence[tuple]) -> LossFn:
     return mixed
 
 
-mpo = register("mpo")(mix([("dpo", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]))
+mpo = register("mpo", inputs="pairwise", reference=True, coupling="batch",
+               paper="Enhancing the Reasoning Ability of Multimodal Large Language Models via "
+                     "Mixed Preference Optimization")(
+    mix([("dpo", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]))
 mpo.__doc__ = "MPO: `0.8 dpo + 0.2 bco_pair + 1.0 sft` (a `mix`; state is a 3-tuple)."
 
 # Exponents are clamped so psi stays finite (and its gradient nan-free) at extreme log-ratios.
@@ -178,3 +184,48 @@ def reference_free(loss: str | LossFn) -> LossFn:
 
     free.__name__ = f"reference_free({_name(loss)})"
     return free
+
+
+@dataclasses.dataclass(frozen=True)
+class Modifier:
+    """A modifier as configs name it: `AlgoConfig.modifiers = [(name, params), ...]`.
+
+    Attributes:
+      apply: `apply(loss, **params) -> loss`.
+      inputs: the inputs types it can wrap.
+      needs: what it adds to the objective's needs (`registry.NEEDS`).
+      drops_reference: the modified objective reads no reference.
+      check: `check(fn, info) -> reason or None`, refusing objectives it does not apply to.
+    """
+
+    apply: Callable[..., LossFn]
+    inputs: tuple[str, ...] = ("pairwise",)
+    needs: tuple[str, ...] = ()
+    drops_reference: bool = False
+    check: Callable[[LossFn, Any], str | None] | None = None
+
+    def refuses(self, fn: LossFn, info) -> str | None:
+        """Why this modifier cannot wrap `fn` (declared `info`), or None when it can."""
+        if info.inputs not in self.inputs:
+            return (f"it reads {' or '.join(self.inputs)} inputs, the objective reads "
+                    f"{info.inputs} inputs")
+        return self.check(fn, info) if self.check else None
+
+
+def _margin_only(fn: LossFn, info) -> str | None:
+    if isinstance(fn, MarginLoss):
+        return None
+    return (f"f-divergences replace the log-ratios of the margin losses "
+            f"({', '.join(F_DIVERGENCE_LOSSES)}), applied before any other modifier")
+
+
+def _with_reference(fn: LossFn, info) -> str | None:
+    return None if info.reference else "the objective reads no reference already"
+
+
+MODIFIERS = {
+    "f_divergence": Modifier(f_divergence, check=_margin_only),
+    "wpo": Modifier(wpo, needs=("token_stats",)),
+    "ld_dpo": Modifier(ld_dpo),
+    "reference_free": Modifier(reference_free, drops_reference=True, check=_with_reference),
+}

@@ -1,4 +1,4 @@
-"""Sequence-level pairwise preference losses (ALGORITHMS.md section 1).
+"""Sequence-level pairwise preference losses (docs/objectives.md).
 
 Notation as in the spec: `L(y)` masked sum of token log-probs, `Lbar(y) = L(y)/|y|`,
 `D = L - L_ref`, `h = D_w - D_l`, `s` the logistic function.
@@ -54,10 +54,14 @@ class MarginLoss:
         return self.phi.__kwdefaults__["beta"]
 
 
-def margin_loss(name: str, reduction: str = "sum") -> Callable[[Callable], MarginLoss]:
-    """Decorator: turn a margin map `phi(h_p, *, beta, ...)` into a registered MarginLoss."""
+def margin_loss(name: str, reduction: str = "sum", **declaration) -> Callable[[Callable],
+                                                                              MarginLoss]:
+    """Decorator: turn a margin map `phi(h_p, *, beta, ...)` into a registered MarginLoss.
+
+    `declaration`: what `registry.register` records (inputs, reference, paper, ...).
+    """
     def deco(phi: Callable) -> MarginLoss:
-        return register(name)(MarginLoss(phi=phi, reduction=reduction, name=name))
+        return register(name, **declaration)(MarginLoss(phi=phi, reduction=reduction, name=name))
 
     return deco
 
@@ -68,32 +72,39 @@ def _smoothed_sigmoid(logits_p: Array, label_smoothing: float) -> Array:
             - label_smoothing * log_sigmoid(-logits_p))
 
 
-@margin_loss("dpo")
+@margin_loss("dpo", inputs="pairwise", reference=True,
+             paper=("Direct Preference Optimization: Your Language Model is Secretly a Reward "
+                    "Model; cDPO: A note on DPO with noisy preferences and relationship to IPO"))
 def dpo(h_p: Array, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Array:
     """DPO (cDPO when e > 0): `-(1-e) log s(b h) - e log s(-b h)`."""
     return _smoothed_sigmoid(beta * h_p, label_smoothing)
 
 
-@margin_loss("ipo", reduction="mean")
+@margin_loss("ipo", reduction="mean", inputs="pairwise", reference=True,
+             paper="A General Theoretical Paradigm to Understand Learning from Human Preferences")
 def ipo(h_p: Array, *, beta: float = 0.1) -> Array:
     """IPO: `(hbar - 1/(2b))^2`, hbar from length-mean log-ratios of policy and reference."""
     return jnp.square(h_p - 1.0 / (2.0 * beta))
 
 
-@margin_loss("robust")
+@margin_loss("robust", inputs="pairwise", reference=True,
+             paper="Provably Robust DPO: Aligning Language Models with Noisy Feedback")
 def robust(h_p: Array, *, beta: float = 0.1, label_smoothing: float = 0.1) -> Array:
     """rDPO: `[(1-e)(-log s(b h)) - e(-log s(-b h))] / (1-2e)`, e in [0, 0.5)."""
     return ((-(1.0 - label_smoothing) * log_sigmoid(beta * h_p)
              + label_smoothing * log_sigmoid(-beta * h_p)) / (1.0 - 2.0 * label_smoothing))
 
 
-@margin_loss("hinge")
+@margin_loss("hinge", inputs="pairwise", reference=True,
+             paper=("Statistical Rejection Sampling Improves Preference Optimization (SLiC's "
+                    "hinge on log-ratios)"))
 def hinge(h_p: Array, *, beta: float = 0.1) -> Array:
     """Hinge (SLiC on log-ratios): `max(0, 1 - b h)`."""
     return jax.nn.relu(1.0 - beta * h_p)
 
 
-@margin_loss("exo_pair")
+@margin_loss("exo_pair", inputs="pairwise", reference=True,
+             paper="Towards Efficient Exact Optimization of Language Model Alignment (EXO)")
 def exo_pair(h_p: Array, *, beta: float = 0.1, epsilon: float = 1e-3) -> Array:
     """EXO (pairwise): `s(bh)[log s(bh) - log(1-e)] + s(-bh)[log s(-bh) - log e]`."""
     pos, neg = log_sigmoid(beta * h_p), log_sigmoid(-beta * h_p)
@@ -101,7 +112,9 @@ def exo_pair(h_p: Array, *, beta: float = 0.1, epsilon: float = 1e-3) -> Array:
             + jnp.exp(neg) * (neg - jnp.log(epsilon)))
 
 
-@margin_loss("discopop")
+@margin_loss("discopop", inputs="pairwise", reference=True,
+             paper=("Discovering Preference Optimization Algorithms with and for Large Language "
+                    "Models"))
 def discopop(h_p: Array, *, beta: float = 0.1, tau: float = 0.05) -> Array:
     """DiscoPOP: r = b h; `(1 - s(r/tau)) softplus(-r) + s(r/tau) exp(-r)`."""
     r_p = beta * h_p
@@ -111,7 +124,8 @@ def discopop(h_p: Array, *, beta: float = 0.1, tau: float = 0.05) -> Array:
     return (1.0 - gate_p) * jax.nn.softplus(-r_p) + exp_term_p
 
 
-@margin_loss("sigmoid_norm", reduction="mean")
+@margin_loss("sigmoid_norm", reduction="mean", inputs="pairwise", reference=True,
+             paper="Statistical Rejection Sampling Improves Preference Optimization")
 def sigmoid_norm(h_p: Array, *, beta: float = 0.1) -> Array:
     """Length-normalised sigmoid: `-log s(b (D_w/|y_w| - D_l/|y_l|))`."""
     return -log_sigmoid(beta * h_p)
@@ -130,7 +144,8 @@ def _nll_metric(inputs: PairwiseInputs, nll_p: Array) -> dict:
     return {"nll": metric(jax.lax.stop_gradient(nll_p), _valid(inputs))}
 
 
-@register("slic")
+@register("slic", inputs="pairwise", reference=False,
+          paper="SLiC-HF: Sequence Likelihood Calibration with Human Feedback")
 def slic(inputs: PairwiseInputs, state: Any = None, *, delta: float = 1.0,
          lam: float = 0.5) -> LossOutput:
     """SLiC-HF: `max(0, delta - L(y_w) + L(y_l)) + lam * NLL(y_w)`; reference-free.
@@ -149,7 +164,8 @@ def slic(inputs: PairwiseInputs, state: Any = None, *, delta: float = 1.0,
                        _nll_metric(inputs, nll_p))
 
 
-@register("nca_pair")
+@register("nca_pair", inputs="pairwise", reference=True,
+          paper="Noise Contrastive Alignment of Language Models with Explicit Rewards")
 def nca_pair(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """NCA (pairwise): `-log s(b D_w) - 0.5 log s(-b D_w) - 0.5 log s(-b D_l)`."""
     seq = pair_logps(inputs, "sum")
@@ -158,7 +174,8 @@ def nca_pair(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) ->
     return pair_output(loss_p, inputs, seq, r_w, r_l, state)
 
 
-@register("bco_pair")
+@register("bco_pair", inputs="pairwise", reference=True, coupling="batch",
+          paper="Binary Classifier Optimization for Large Language Model Alignment")
 def bco_pair(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
              running_mean: bool = True) -> LossOutput:
     """BCO (pairwise): `-log s(b D_w - m) - log s(-(b D_l - m))`, m the running reward mean.
@@ -180,7 +197,8 @@ def bco_pair(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
     return pair_output(loss_p, inputs, seq, r_w, r_l, state, extra)
 
 
-@register("sppo_hard")
+@register("sppo_hard", inputs="pairwise", reference=True,
+          paper="Self-Play Preference Optimization for Language Model Alignment (hard labels)")
 def sppo_hard(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """SPPO (hard labels): `(D_w - 1/(2b))^2 + (D_l + 1/(2b))^2`."""
     seq = pair_logps(inputs, "sum")
@@ -206,7 +224,8 @@ def _sorted_pairing(a_p: Array, b_p: Array, valid_p: Array) -> tuple[Array, Arra
     return diff_p, real_p
 
 
-@register("aot")
+@register("aot", inputs="pairwise", reference=True, coupling="sort",
+          paper="Distributional Preference Alignment of LLMs via Optimal Transport")
 def aot(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
         label_smoothing: float = 0.0) -> LossOutput:
     """AOT (paired): `-log s(b (u_(i) - v_(i)))`, u = L_w - L_l and v = L_ref,w - L_ref,l sorted.
@@ -221,7 +240,8 @@ def aot(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
     return pair_output(loss_p, inputs, seq, beta * seq.ratio_w_p, beta * seq.ratio_l_p, state)
 
 
-@register("aot_unpaired")
+@register("aot_unpaired", inputs="pairwise", reference=True, coupling="sort",
+          paper="Distributional Preference Alignment of LLMs via Optimal Transport")
 def aot_unpaired(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
                  label_smoothing: float = 0.0) -> LossOutput:
     """AOT (unpaired): `-log s(b (D_w(i) - D_l(i)))`, D_w and D_l sorted separately.
@@ -235,7 +255,8 @@ def aot_unpaired(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1
     return pair_output(loss_p, inputs, seq, beta * seq.ratio_w_p, beta * seq.ratio_l_p, state)
 
 
-@register("apo_zero")
+@register("apo_zero", inputs="pairwise", reference=True,
+          paper="Anchored Preference Optimization and Contrastive Revisions")
 def apo_zero(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """APO-zero: `(1 - s(b D_w)) + s(b D_l)`."""
     seq = pair_logps(inputs, "sum")
@@ -244,7 +265,8 @@ def apo_zero(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) ->
     return pair_output(loss_p, inputs, seq, r_w, r_l, state)
 
 
-@register("apo_down")
+@register("apo_down", inputs="pairwise", reference=True,
+          paper="Anchored Preference Optimization and Contrastive Revisions")
 def apo_down(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """APO-down: `s(b D_w) + 1 - s(b (D_w - D_l))`."""
     seq = pair_logps(inputs, "sum")
@@ -253,7 +275,8 @@ def apo_down(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1) ->
     return pair_output(loss_p, inputs, seq, r_w, r_l, state)
 
 
-@register("sft")
+@register("sft", inputs="pairwise", reference=False,
+          paper="supervised fine-tuning on the chosen completions")
 def sft(inputs: PairwiseInputs, state: Any = None) -> LossOutput:
     """SFT: mean token NLL of y_w, `-Lbar(y_w)`; reported rewards are Lbar of each side."""
     inputs = _ref_free(inputs)
@@ -261,7 +284,8 @@ def sft(inputs: PairwiseInputs, state: Any = None) -> LossOutput:
     return pair_output(-seq.pol_w_p, inputs, seq, seq.pol_w_p, seq.pol_l_p, state)
 
 
-@register("simpo")
+@register("simpo", inputs="pairwise", reference=False,
+          paper="SimPO: Simple Preference Optimization with a Reference-Free Reward")
 def simpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 2.0,
           gamma_beta_ratio: float = 0.25, label_smoothing: float = 0.0) -> LossOutput:
     """SimPO: `-log s(b Lbar(y_w) - b Lbar(y_l) - gamma)`, gamma = ratio * b; reference-free.
@@ -276,7 +300,9 @@ def simpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 2.0,
     return pair_output(loss_p, inputs, seq, reward_w_p, reward_l_p, state)
 
 
-@register("cpo")
+@register("cpo", inputs="pairwise", reference=False,
+          paper=("Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance "
+                 "in Machine Translation"))
 def cpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
         alpha: float = 1.0) -> LossOutput:
     """CPO: `-log s(b L(y_w) - b L(y_l)) + a * NLLmean(y_w)`; reference-free."""
@@ -288,7 +314,8 @@ def cpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
     return pair_output(loss_p, inputs, seq, r_w, r_l, state, _nll_metric(inputs, nll_p))
 
 
-@register("orpo")
+@register("orpo", inputs="pairwise", reference=False,
+          paper="ORPO: Monolithic Preference Optimization without Reference Model")
 def orpo(inputs: PairwiseInputs, state: Any = None, *, lam: float = 0.1) -> LossOutput:
     """ORPO: `NLLmean(y_w) - lam log s(lor)`, lor = log odds(y_w) - log odds(y_l) on Lbar.
 
@@ -314,7 +341,9 @@ def _gold_nll(inputs: PairwiseInputs, loss: str) -> Array:
     return -seq_reduce(logps_pc, mask_pc, None, "mean")
 
 
-@register("tpo")
+@register("tpo", inputs="pairwise", reference=False, needs=("gold",),
+          paper=("Triple Preference Optimization: Achieving Better Alignment with Less Data in a "
+                 "Single Step Optimization"))
 def tpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.01,
         alpha: float = 1.0) -> LossOutput:
     """TPO (triple): `-log s(b (L(y_w) - L(y_l))) + a NLLmean(y_gold)`; reference-free.
@@ -329,7 +358,9 @@ def tpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.01,
     return pair_output(loss_p, inputs, seq, r_w, r_l, state, _nll_metric(inputs, nll_p))
 
 
-@register("tpo_l")
+@register("tpo_l", inputs="pairwise", reference=False, needs=("gold",),
+          paper=("Triple Preference Optimization: Achieving Better Alignment with Less Data in a "
+                 "Single Step Optimization"))
 def tpo_l(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.01, alpha: float = 1.0,
           gamma: float = 0.5) -> LossOutput:
     """TPO-L: `-log s(b (Lbar_w - Lbar_l) - gamma) + a NLLmean(y_gold)`; reference-free.
@@ -344,7 +375,8 @@ def tpo_l(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.01, alph
     return pair_output(loss_p, inputs, seq, r_w, r_l, state, _nll_metric(inputs, nll_p))
 
 
-@register("rpo")
+@register("rpo", inputs="pairwise", reference=True,
+          paper="Iterative Reasoning Preference Optimization")
 def rpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1, alpha: float = 1.0,
         nll_reduction: str = "mean") -> LossOutput:
     """RPO: `dpo + a * NLL(y_w)`; default `a = 1` with the per-token MEAN NLL (Pang et al.).
@@ -361,7 +393,8 @@ def rpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1, alpha: 
     return pair_output(loss_p, inputs, seq, r_w, r_l, state, _nll_metric(inputs, nll_p))
 
 
-@register("gamma_rank")
+@register("gamma_rank", inputs="pairwise", reference=True,
+          paper="Preference Learning Algorithms Do Not Learn Preference Rankings")
 def gamma_rank(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
                gamma: float = 1.0) -> LossOutput:
     """Ranking ablation: `-log s(b [(L_w - L_l) + g (L_ref,l - L_ref,w)])`; g = 1 is DPO."""
@@ -372,7 +405,9 @@ def gamma_rank(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
     return pair_output(loss_p, inputs, seq, r_w, r_l, state)
 
 
-@register("modpo")
+@register("modpo", inputs="pairwise", reference=True, needs=("margins",),
+          paper=("Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct Preference "
+                 "Optimization"))
 def modpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
           weights: tuple[float, ...] = (0.5, 0.5)) -> LossOutput:
     """MODPO: `-log s((1/w_k)[b D_w - b D_l - w_-k . (r_-k(y_w) - r_-k(y_l))])`.
@@ -394,7 +429,9 @@ def modpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
     return pair_output(loss_p, inputs, seq, r_w, r_l, state)
 
 
-@register("vpo")
+@register("vpo", inputs="pairwise", reference=True,
+          paper=("Value-Incentivized Preference Optimization: A Unified Approach to Online and "
+                 "Offline RLHF"))
 def vpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1, alpha: float = 1.0,
         online: bool = False) -> LossOutput:
     """VPO: `dpo + sign * a * b * E_{y~pi_cal}[log pi(y)/pi_ref(y)]`, sign -1 offline, +1 online.
@@ -429,7 +466,9 @@ def _win_probs(inputs: PairwiseInputs, loss: str) -> tuple[Array, Array]:
     return jax.lax.stop_gradient(p_w), jax.lax.stop_gradient(p_l)
 
 
-@register("dno")
+@register("dno", inputs="pairwise", reference=True, needs=("win_probs",),
+          paper=("Direct Nash Optimization: Teaching Language Models to Self-Improve with General"
+                 " Preferences"))
 def dno(inputs: PairwiseInputs, state: Any = None, *, eta: float = 0.1) -> LossOutput:
     """DNO: `-s(r_w - r_l) log s(eta h) - s(r_l - r_w) log s(-eta h)`, r = win rate vs pi_t.
 
@@ -447,7 +486,8 @@ def dno(inputs: PairwiseInputs, state: Any = None, *, eta: float = 0.1) -> LossO
     return pair_output(loss_p, inputs, seq, eta * seq.ratio_w_p, eta * seq.ratio_l_p, state)
 
 
-@register("sppo")
+@register("sppo", inputs="pairwise", reference=True, needs=("win_probs",),
+          paper="Self-Play Preference Optimization for Language Model Alignment")
 def sppo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 1e-3) -> LossOutput:
     """SPPO: `0.5[(D_w - eta(P_w - 1/2))^2 + (D_l - eta(P_l - 1/2))^2]`, eta = 1/b.
 

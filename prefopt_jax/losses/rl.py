@@ -1,4 +1,4 @@
-"""Online RL objectives on sampled completions (ALGORITHMS.md section 5): ppo, rto, the GRPO
+"""Online RL objectives on sampled completions (docs/objectives.md): ppo, rto, the GRPO
 family (grpo, dr_grpo, dapo, ngrpo, pref_grpo) and rloo.
 
 Completions come in groups of `group_size` consecutive rows (the samples of one prompt).
@@ -134,7 +134,9 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
     return rl_output(loss_n, jnp.sum(tok_nc), inputs, extra)
 
 
-@register("ppo")
+@register("ppo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper=("Proximal Policy Optimization Algorithms; Training language models to follow "
+                 "instructions with human feedback"))
 def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
         kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, cliprange: float = 0.2,
         cliprange_value: float = 0.2, vf_coef: float = 0.1, whiten: bool = True) -> LossOutput:
@@ -154,7 +156,9 @@ def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
                      loss="ppo")
 
 
-@register("rto")
+@register("rto", inputs="rollout", reference=True, coupling="batch",
+          needs=("rollouts", "token_rewards"),
+          paper="DPO Meets PPO: Reinforced Token Optimization for RLHF")
 def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: float = 0.05,
         beta2: float = 0.01, beta3: float = 1.0, gamma: float = 1.0, lam: float = 0.95,
         cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1,
@@ -227,7 +231,9 @@ def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_
     return rl_output(loss_n, count, inputs, extra)
 
 
-@register("grpo")
+@register("grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper=("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language "
+                 "Models (GRPO)"))
 def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
          epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
     """GRPO: `A = (r - mean_G r)/(std_G r + eps)`; `-(1/|o|) sum_t [min(rho A, clip A) - b KL]`.
@@ -240,7 +246,8 @@ def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: flo
                               reduction="sequence")
 
 
-@register("dr_grpo")
+@register("dr_grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper="Understanding R1-Zero-Like Training: A Critical Perspective (Dr. GRPO)")
 def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
             epsilon: float = 0.2) -> LossOutput:
     """Dr. GRPO: `A_i = r_i - mean_G r` (no std); token sums over the fixed length C (no |o_i|)."""
@@ -250,7 +257,8 @@ def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: 
                               reduction="max_length")
 
 
-@register("dapo")
+@register("dapo", inputs="rollout", reference=False, coupling="batch", needs=("rollouts",),
+          paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale")
 def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: float = 0.2,
          epsilon_high: float | None = None, std_eps: float = 1e-4) -> LossOutput:
     """DAPO: GRPO advantages, token-sum / token-count over the batch, no KL (b = 0).
@@ -264,7 +272,8 @@ def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: 
                               reduction="token")
 
 
-@register("ngrpo")
+@register("ngrpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper="NGRPO: Negative-enhanced Group Relative Policy Optimization")
 def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_reward: float = 1.0,
           beta: float = 0.04, eps_high: float = 0.24, eps_low: float = 0.16,
           std_eps: float = 1e-4) -> LossOutput:
@@ -276,7 +285,8 @@ def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_rewa
                               reduction="sequence")
 
 
-@register("pref_grpo")
+@register("pref_grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper="Pref-GRPO: Pairwise Preference Reward-based GRPO")
 def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
               epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
     """Pref-GRPO: reward_i = mean_{j != i} P(y_i beats y_j) within the group, then GRPO.
@@ -293,7 +303,9 @@ def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta
     return grpo(inputs, group_size=group_size, beta=beta, epsilon=epsilon, std_eps=std_eps)
 
 
-@register("rloo")
+@register("rloo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+          paper=("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human"
+                 " Feedback in LLMs (RLOO)"))
 def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int = 2,
          beta: float = 0.05) -> LossOutput:
     """RLOO: `r' = r - b sum_t (log pi_old - log pi_ref)`, `A_i = r'_i - mean_{j != i} r'_j`;

@@ -1,4 +1,4 @@
-"""Token-level objectives from the Q* view (ALGORITHMS.md section 3): tgdpo, aligndistil, cpl.
+"""Token-level objectives from the Q* view (docs/objectives.md): tgdpo, aligndistil, cpl.
 
 Per-token weights (token rewards, discounts) enter through `seq_reduce`'s token weights, so
 sequence sums are still formed in one place.
@@ -41,7 +41,9 @@ def weighted_pair(inputs: PairwiseInputs, weight_w_pc: Array, weight_l_pc: Array
     )
 
 
-@register("tgdpo")
+@register("tgdpo", inputs="pairwise", reference=True, needs=("token_rewards",),
+          paper=("TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference "
+                 "Optimization"))
 def tgdpo(inputs: PairwiseInputs, state: Any = None, *, beta: float = 0.1,
           alpha: float = 0.5) -> LossOutput:
     """TGDPO: `-log s(sum_t b(1 + a rhat^w_t) d^w_t - sum_t b(1 - a rhat^l_t) d^l_t)`.
@@ -74,7 +76,8 @@ def _cpl(inputs: PairwiseInputs, state: Any, alpha: float, lam: float, gamma: fl
     return pair_output(loss_p, inputs, seq, s_pos, s_neg, state)
 
 
-@register("cpl")
+@register("cpl", inputs="pairwise", reference=False,
+          paper="Contrastive Preference Learning: Learning from Human Feedback without RL")
 def cpl(inputs: PairwiseInputs, state: Any = None, *, alpha: float = 0.1, lam: float = 0.5,
         gamma: float = 1.0) -> LossOutput:
     """CPL: `S = sum_t gamma^t alpha log pi(a_t|s_t)`; `softplus(lam S- - S+)`; no reference.
@@ -85,35 +88,51 @@ def cpl(inputs: PairwiseInputs, state: Any = None, *, alpha: float = 0.1, lam: f
     return _cpl(inputs, state, alpha, lam, gamma, use_ref=False)
 
 
-@register("cpl_kl")
+@register("cpl_kl", inputs="pairwise", reference=True,
+          paper="Contrastive Preference Learning: Learning from Human Feedback without RL")
 def cpl_kl(inputs: PairwiseInputs, state: Any = None, *, alpha: float = 0.2, lam: float = 0.75,
            gamma: float = 1.0) -> LossOutput:
     """CPL-KL: CPL with `log pi - log pi_ref` per token in S; `softplus(lam S- - S+)`."""
     return _cpl(inputs, state, alpha, lam, gamma, use_ref=True)
 
 
-def _log_softmax32(logits_ncv: Array, temperature: float = 1.0) -> Array:
-    return jax.nn.log_softmax(f32(logits_ncv) / temperature, axis=-1)
+def _log_softmax32(logits_xv: Array, temperature: float = 1.0) -> Array:
+    return jax.nn.log_softmax(f32(logits_xv) / temperature, axis=-1)
 
 
-@register("aligndistil")
+def aligndistil_terms(logits_xv: Array, dpo_logits_xv: Array, ref_logits_xv: Array, *,
+                      beta2: float = 10.0, temperature: float = 1.0) -> dict[str, Array]:
+    """AlignDistil's per-token terms from full-vocabulary logits `[..., V]` (float32).
+
+    Teacher logits `z~ = z_dpo + w_t (z_dpo - z_ref)`, `w_t = b2 sum_v |p_dpo - p_ref| + 1e-3`;
+    returns `kl = KL(pi_theta(.|s_t) || softmax(z~_t / T))` (gradient through the student only)
+    and the frozen `teacher_weight = w_t`. The engine calls this on each chunk of positions.
+    """
+    dpo_logp = _log_softmax32(dpo_logits_xv)
+    ref_logp = _log_softmax32(ref_logits_xv)
+    w_x = beta2 * jnp.sum(jnp.abs(jnp.exp(dpo_logp) - jnp.exp(ref_logp)), axis=-1) + 1e-3
+    z_dpo = f32(dpo_logits_xv)
+    teacher_xv = z_dpo + w_x[..., None] * (z_dpo - f32(ref_logits_xv))
+    teacher_logp = jax.lax.stop_gradient(_log_softmax32(teacher_xv, temperature))
+    student_logp = _log_softmax32(logits_xv)
+    kl_x = jnp.sum(jnp.exp(student_logp) * (student_logp - teacher_logp), axis=-1)
+    return {"kl": kl_x, "teacher_weight": jax.lax.stop_gradient(w_x)}
+
+
+@register("aligndistil", inputs="distill", reference=True, needs=("teacher_logits",),
+          token_terms=aligndistil_terms,
+          paper="AlignDistil: Token-Level Language Model Alignment as Adaptive Policy Distillation")
 def aligndistil(inputs: DistillInputs, state: Any = None, *, beta: float = 0.1,
                 beta2: float = 10.0, temperature: float = 1.0) -> LossOutput:
     """AlignDistil: `(1/|y|) sum_t (b / w_t) KL(pi_theta(.|s_t) || softmax(z~_t / T))`.
 
     Teacher logits `z~ = z_dpo + w_t (z_dpo - z_ref)`, `w_t = b2 sum_v |p_dpo - p_ref| + 1e-3`;
-    the teacher and w_t are frozen. Full-vocabulary, fp32.
+    the teacher and w_t are frozen. Full-vocabulary, fp32: `beta2` and `temperature` enter
+    `aligndistil_terms`, which the engine evaluates per token in its log-prob chunks.
     """
-    dpo_logp = _log_softmax32(inputs.dpo_logits_ncv)
-    ref_logp = _log_softmax32(inputs.ref_logits_ncv)
-    w_nc = beta2 * jnp.sum(jnp.abs(jnp.exp(dpo_logp) - jnp.exp(ref_logp)), axis=-1) + 1e-3
-    z_dpo = f32(inputs.dpo_logits_ncv)
-    teacher_ncv = z_dpo + w_nc[..., None] * (z_dpo - f32(inputs.ref_logits_ncv))
-    teacher_logp = jax.lax.stop_gradient(_log_softmax32(teacher_ncv, temperature))
-    w_nc = jax.lax.stop_gradient(w_nc)
-    student_logp = _log_softmax32(inputs.logits_ncv)
-    kl_nc = jnp.sum(jnp.exp(student_logp) * (student_logp - teacher_logp), axis=-1)
     mask_nc = f32(inputs.mask_nc)
+    w_nc = jax.lax.stop_gradient(f32(inputs.teacher_weight_nc))
+    kl_nc = f32(inputs.kl_nc)
     loss_n = seq_reduce(beta / w_nc * kl_nc, mask_nc, None, "mean")
     valid_n = ones_like_lead(mask_nc, inputs.valid_n)
     loss_n = finish_loss(loss_n, valid_n, inputs.weight_n)

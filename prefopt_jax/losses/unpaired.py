@@ -1,4 +1,4 @@
-"""Unpaired preference losses: one labelled completion per example (ALGORITHMS.md section 2).
+"""Unpaired preference losses: one labelled completion per example (docs/objectives.md).
 
 Shape letters: `n` examples, `c` completion positions.
 """
@@ -68,7 +68,9 @@ def kto_reference_point(inputs: UnpairedInputs) -> Array:
     return jax.lax.stop_gradient(jnp.maximum(total / jnp.maximum(count, 1.0), 0.0))
 
 
-@register("kto")
+@register("kto", inputs="unpaired", reference=True, needs=("mismatched",),
+          waived_by={"mismatched": "z0"},
+          paper="KTO: Model Alignment as Prospect Theoretic Optimization")
 def kto(inputs: UnpairedInputs, state: Any = None, *, beta: float = 0.1,
         lam_desirable: float = 1.0, lam_undesirable: float = 1.0,
         z0: float | None = None) -> LossOutput:
@@ -86,7 +88,8 @@ def kto(inputs: UnpairedInputs, state: Any = None, *, beta: float = 0.1,
                            {"kto/z0": (z0, jnp.float32(1.0))})
 
 
-@register("bco")
+@register("bco", inputs="unpaired", reference=True, coupling="batch",
+          paper="Binary Classifier Optimization for Large Language Model Alignment")
 def bco(inputs: UnpairedInputs, state: Any = None, *, beta: float = 0.1) -> LossOutput:
     """BCO: r = b D(y); desirable `-log s(r - m)`, undesirable `-log s(-(r - m))`.
 

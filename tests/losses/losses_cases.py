@@ -3,14 +3,16 @@
 Cases mix real and filler examples; filler examples carry garbage (finite, sometimes huge)
 values and full masks, so a loss that does not ignore them exactly gets a different answer.
 
-Shape letters: `p` pairs, `n` examples, `k` list items, `c` positions, `v` vocabulary,
-`e` ensemble members, `m` reference completions.
+Shape letters: `p` pairs, `n` examples, `k` list items, `c` positions, `v` vocabulary.
 """
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import prefopt_jax.losses as losses
+from prefopt_jax.losses.tokenlevel import aligndistil_terms
 
 
 def _mask(rng, shape):
@@ -132,16 +134,43 @@ def distill_case(seed=0, n=5, c=4, v=7):
             "weight": rng.uniform(0.5, 1.5, n)}
 
 
+@flax.struct.dataclass
+class LogitsDistill:
+    """Full-vocabulary logits of student, teacher and reference `[N, C, V]` (tests only).
+
+    The engine evaluates `aligndistil_terms` in its log-prob chunks; `distill_from_logits`
+    does it on whole arrays, so the tests check terms and loss together against numpy.
+    """
+
+    logits_ncv: jax.Array
+    dpo_logits_ncv: jax.Array
+    ref_logits_ncv: jax.Array
+    mask_nc: jax.Array
+    valid_n: jax.Array | None = None
+    weight_n: jax.Array | None = None
+
+
+def distill_from_logits(inputs: LogitsDistill, state=None, *, beta=0.1, beta2=10.0,
+                        temperature=1.0):
+    """aligndistil on full logits: its per-token terms, then the loss."""
+    terms = aligndistil_terms(inputs.logits_ncv, inputs.dpo_logits_ncv, inputs.ref_logits_ncv,
+                              beta2=beta2, temperature=temperature)
+    distill = losses.DistillInputs(kl_nc=terms["kl"], teacher_weight_nc=terms["teacher_weight"],
+                                   mask_nc=inputs.mask_nc, valid_n=inputs.valid_n,
+                                   weight_n=inputs.weight_n)
+    return losses.get("aligndistil")(distill, state, beta=beta, beta2=beta2,
+                                     temperature=temperature)
+
+
 def distill_inputs(case, dtype=jnp.float32):
     a = lambda key: jnp.asarray(case[key], dtype)  # noqa: E731
-    return losses.DistillInputs(logits_ncv=a("z"), dpo_logits_ncv=a("zd"), ref_logits_ncv=a("zr"),
-                                mask_nc=a("m"), valid_n=a("valid"), weight_n=a("weight"))
+    return LogitsDistill(logits_ncv=a("z"), dpo_logits_ncv=a("zd"), ref_logits_ncv=a("zr"),
+                         mask_nc=a("m"), valid_n=a("valid"), weight_n=a("weight"))
 
 
-def ensemble_case(seed=0, e=5, n=7, m=10):
-    rng = np.random.default_rng(seed)
-    return {"rewards": rng.normal(size=(e, n)), "r": rng.normal(size=n),
-            "ref": rng.normal(size=(n, m))}
+def loss_fn(name):
+    """The registered loss, or for distillation objectives their full-logits form."""
+    return distill_from_logits if family(name) == "distill" else losses.get(name)
 
 
 def rollout_case(seed=0, g=4, k=4, c=5):
@@ -177,15 +206,13 @@ UNPAIRED = ("kto", "bco")
 LISTWISE = ("plackett_luce", "lipo_lambda")
 REWARD = ("bradley_terry",)
 DISTILL = ("aligndistil",)
-AGGREGATORS = ("ensemble_mean", "wco", "uwo", "par")
 ROLLOUT = ("ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")
 GROUPED = ("grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")
 
 
 def family(name):
     for fam, names in (("unpaired", UNPAIRED), ("listwise", LISTWISE), ("reward", REWARD),
-                       ("distill", DISTILL), ("aggregator", AGGREGATORS),
-                       ("rollout", ROLLOUT)):
+                       ("distill", DISTILL), ("rollout", ROLLOUT)):
         if name in names:
             return fam
     return "pairwise"

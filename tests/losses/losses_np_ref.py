@@ -1,4 +1,5 @@
-"""Independent numpy (float64) transcriptions of ALGORITHMS.md, written apart from the JAX code.
+"""Independent numpy (float64) transcriptions of the formulas (docs/objectives.md), written apart
+from the JAX code.
 
 Each `ref_<name>(case, **hyper)` takes a case dict from losses_cases.py and returns the
 per-example loss with filler examples at 0 (and, for stateful losses, the new state). Batch
@@ -359,25 +360,6 @@ def ref_bradley_terry(case, center_coef=0.0):
     loss = (-np.log(sig(case["rw"] - case["rl"] - case["margin"]))
             + center_coef * (case["rw"] + case["rl"]) ** 2)
     return finish(loss, case)
-
-
-def ref_ensemble_mean(case):
-    return case["rewards"].mean(0)
-
-
-def ref_wco(case):
-    return case["rewards"].min(0)
-
-
-def ref_uwo(case, lam=0.5):
-    r = case["rewards"]
-    mean = r.mean(0)
-    return mean - lam * ((r - mean) ** 2).mean(0)
-
-
-def ref_par(case, k=1.0):
-    return np.mean([[sig(k * (case["r"][n] - ref)) for ref in case["ref"][n]]
-                    for n in range(len(case["r"]))], axis=1)
 
 
 # ---- token-level distillation ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import prefopt_jax.losses as losses
+from losses_cases import LogitsDistill, distill_from_logits
 
 
 def sp(x):
@@ -195,34 +196,18 @@ def test_bradley_terry_hand():
     np.testing.assert_allclose(out.loss_p, [sp(-0.3) + 0.01 * 1.5 ** 2], rtol=1e-5)
 
 
-def test_ensembles_hand():
-    r = jnp.asarray([[1, 2], [3, 0], [2, 4]], jnp.float32)
-    np.testing.assert_allclose(losses.get("ensemble_mean")(r), [2, 2])
-    np.testing.assert_allclose(losses.get("wco")(r), [1, 0])
-    # population variances (2/3, 8/3)
-    np.testing.assert_allclose(losses.get("uwo")(r), [2 - 1 / 3, 2 - 4 / 3], rtol=1e-6)
-    np.testing.assert_allclose(losses.get("uwo")(r, lam=0.1), [2 - 0.2 / 3, 2 - 0.8 / 3],
-                               rtol=1e-6)
-
-
-def test_par_hand():
-    # s(1) + s(0) + s(-1) = 1.5
-    got = losses.get("par")(jnp.asarray([1.0]), jnp.asarray([[0.0, 1.0, 2.0]]))
-    np.testing.assert_allclose(got, [0.5], rtol=1e-6)
-
-
 def test_aligndistil_hand():
     """Vocab 2, one token. Student p = (.5, .5); DPO p = (.75, .25); reference p = (.5, .5).
 
     w = 10 (0.25 + 0.25) + 1e-3 = 5.001; teacher logits (1 + w) (log 3, 0).
     """
     a = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    inputs = losses.DistillInputs(logits_ncv=a([[[0, 0]]]), dpo_logits_ncv=a([[[math.log(3), 0]]]),
-                                  ref_logits_ncv=a([[[0, 0]]]), mask_nc=a([[1]]))
+    inputs = LogitsDistill(logits_ncv=a([[[0, 0]]]), dpo_logits_ncv=a([[[math.log(3), 0]]]),
+                           ref_logits_ncv=a([[[0, 0]]]), mask_nc=a([[1]]))
     w = 5.001
     q0 = s(6.001 * math.log(3))
     kl = 0.5 * (math.log(0.5) - math.log(q0)) + 0.5 * (math.log(0.5) - math.log(1 - q0))
-    out = losses.get("aligndistil")(inputs)
+    out = distill_from_logits(inputs)
     np.testing.assert_allclose(out.loss_p, [0.1 / w * kl], rtol=1e-5)
 
 

@@ -4,14 +4,15 @@ import pytest
 
 import prefopt_jax.losses as losses
 
-# ALGORITHMS.md section 1 (+ the MPO mixture), 2, 3 (token-level subset), 4 and 5 (RL losses).
+# The objectives of docs/objectives.md: pairwise (+ the MPO mixture), unpaired, listwise,
+# token-level, reward models and online RL.
 SPEC_NAMES = [
     "dpo", "robust", "ipo", "hinge", "slic", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo",
     "cpo", "orpo", "tpo", "tpo_l", "rpo", "gamma_rank", "modpo", "vpo", "dno", "sppo", "mpo",
     "kto", "bco", "plackett_luce", "lipo_lambda",
     "tgdpo", "aligndistil", "cpl", "cpl_kl",
-    "bradley_terry", "ensemble_mean", "wco", "uwo", "par",
+    "bradley_terry",
     "ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo",
 ]
 
@@ -37,7 +38,7 @@ def test_unknown_name_lists_known():
 
 def test_duplicate_registration_rejected():
     with pytest.raises(ValueError, match="already registered"):
-        losses.register("dpo")(lambda inputs, state=None: None)
+        losses.register("dpo", inputs="pairwise", reference=True)(lambda inputs, state=None: None)
 
 
 def test_unknown_hyperparameter_fails_loudly():
@@ -55,3 +56,46 @@ def test_missing_extras_named_in_error():
                       ("sppo", "win_prob_w_p"), ("dno", "win_prob_w_p")):
         with pytest.raises(KeyError, match=key):
             losses.get(name)(inputs)
+
+
+def test_every_objective_declares_what_it_reads():
+    for name in losses.names():
+        info = losses.info(name)
+        assert info.name == name and info.inputs in losses.INPUTS and info.paper
+        assert set(info.needs) <= set(losses.NEEDS)
+        assert (info.token_terms is not None) == (info.inputs == "distill")
+
+
+def test_declarations_are_checked_at_registration():
+    for bad, match in [({"inputs": "pairs", "reference": True}, "unknown inputs 'pairs'"),
+                       ({"inputs": "pairwise", "reference": True, "coupling": "global"},
+                        "unknown coupling"),
+                       ({"inputs": "pairwise", "reference": True, "needs": ("gold_logps",)},
+                        "unknown or undeclared needs"),
+                       ({"inputs": "pairwise", "reference": True,
+                         "waived_by": {"gold": "alpha"}}, "unknown or undeclared needs")]:
+        with pytest.raises(ValueError, match=match):
+            losses.register("new_objective", **bad)
+    assert "new_objective" not in losses.names()
+
+
+def test_a_waived_need_drops_its_coupling():
+    kto = losses.info("kto")
+    assert kto.active_needs() == ("mismatched",) and kto.effective_coupling() == "batch"
+    assert kto.active_needs({"z0": 0.0}) == () and kto.effective_coupling({"z0": 0.0}) == "none"
+    assert losses.compose("kto", {"z0": 0.0}).info.coupling == "none"
+    assert losses.info("aot").coupling == "sort"
+
+
+def test_compose_checks_names_hyper_parameters_and_mixes():
+    with pytest.raises(losses.ObjectiveError, match="'simpo' has no hyper-parameter 'betta'"):
+        losses.compose("simpo", {"betta": 1.0})
+    with pytest.raises(losses.ObjectiveError, match="needs hyper-parameter 'group_size'"):
+        losses.compose("grpo")
+    with pytest.raises(losses.ObjectiveError, match="leave AlgoConfig.loss unset"):
+        losses.compose("dpo", mix=[("dpo", 1.0)])
+    mixed = losses.compose(mix=[("dpo", 0.8), ("bco_pair", 0.2, {"beta": 0.2})])
+    assert mixed.info.inputs == "pairwise" and mixed.info.coupling == "batch"
+    wrapped = losses.compose("dpo", modifiers=[("wpo", {}), ("reference_free", {})])
+    assert wrapped.info.needs == ("token_stats",) and not wrapped.info.reference
+    assert wrapped.name == "reference_free(wpo(dpo))"
