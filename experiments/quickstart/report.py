@@ -107,9 +107,9 @@ def load_tokenizer(source: str):
 def load_models(specs: Specs, tokenizer_source: str):
     """(reference, policy, tokenizer): the base model and the exported policy (LoRA merged)."""
     from prefopt_jax.models import from_pretrained
-    from prefopt_jax.train import loop as loop_lib
+    from prefopt_jax.models.spec import load_model
 
-    reference, tokenizer = loop_lib.load_model(dataclasses.replace(specs.model, lora=None))
+    reference, tokenizer = load_model(dataclasses.replace(specs.model, lora=None))
     export = os.path.join(specs.loop.output_dir, "export")
     if not os.path.isdir(export):
         raise FileNotFoundError(f"{export} does not exist: train first (LoopConfig.export=True)")
@@ -123,7 +123,7 @@ def load_models(specs: Specs, tokenizer_source: str):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _token_logps(graphdef, state, batch):
-    from prefopt_jax.train import logps as logps_lib
+    from prefopt_jax.scoring import logps as logps_lib
 
     return logps_lib.token_logps(nnx.merge(graphdef, state), batch) * batch["completion_mask"]
 
@@ -142,14 +142,14 @@ def heldout_rewards(reference, policy, tokenizer, path: str, beta: float, max_le
                     batch_size: int = 8) -> dict:
     """Implicit-reward accuracy and margin on held-out pairs, through the training data path."""
     from prefopt_jax import data as data_lib
-    from prefopt_jax.train import loop as loop_lib
+    from prefopt_jax.train import driver
 
     data, _ = data_lib.prepare(data_lib.open_source(path), tokenizer,
                                data_lib.DataConfig(max_length=max_length))
     loader = data_lib.Loader(data, batch_size, data_lib.LayoutConfig(kind="padded"),
                              shuffle=False, num_epochs=1)
     # One shape for every batch, so each model compiles once.
-    shape = loop_lib.agreed_shape(loader, loader.steps_per_epoch)
+    shape = driver.agreed_shape(loader, loader.steps_per_epoch)
     margins = []
     for _ in range(loader.steps_per_epoch):
         batch = loader.next_batch(min_shape=shape)
@@ -301,7 +301,7 @@ def markdown(result: dict) -> str:
 
 def evaluate(specs: Specs, args, progress: Progress) -> dict:
     """Every figure of the report (prints a line per stage)."""
-    from prefopt_jax.evals import sentiment
+    from prefopt_jax.rewards import sentiment
 
     with progress("load the reference and the exported policy"):
         reference, policy, tokenizer = load_models(specs, args.tokenizer or specs.model.source)

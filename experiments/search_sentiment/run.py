@@ -1,6 +1,6 @@
 """Search for positive sentiment on SmolLM2-135M-Instruct: sampling vs best-of-N vs beam search.
 
-For 16 review prompts, the mean VADER compound sentiment (prefopt_jax.evals.sentiment) of:
+For 16 review prompts, the mean VADER compound sentiment (prefopt_jax.rewards.sentiment) of:
 plain sampling (temperature 1, all N samples), best-of-N over those same samples with the
 sentiment scorer, greedy decoding, and likelihood beam search (the top beam). With `--policy`
 and `--ref`, also the implicit-reward best-of-N of a DPO policy against its reference.

@@ -149,7 +149,8 @@ def add_build_pairs(sub) -> None:
 
 def run_build_pairs(args: argparse.Namespace) -> int:
     """Sample, score, select and write the pairs; prints a one-line summary."""
-    from prefopt_jax.evals import onpolicy, rm_scorers
+    from prefopt_jax.rewards import scorers as rm_scorers
+    from prefopt_jax.sampling import onpolicy
     from prefopt_jax.models import from_pretrained
     from prefopt_jax.sampling.generate import SamplingConfig
 

@@ -60,7 +60,7 @@ def run_implicit_vs_explicit(args: argparse.Namespace) -> int:
         raise SystemExit(f"{IVE} needs {' '.join(missing)}")
     from prefopt_jax.evals import policy_eval
     from prefopt_jax.models import from_pretrained
-    from prefopt_jax.train import reward_model
+    from prefopt_jax.rewards import reward_model
 
     policy, tokenizer = from_pretrained(args.policy)
     ref, _ = from_pretrained(args.ref, load_tokenizer=False)

@@ -11,7 +11,8 @@ The column conventions are TRL's, so a dataset moves between the two unchanged:
 Every text field is either plain text or a conversational list of {"role", "content"} messages;
 a dataset is one or the other throughout (a prompt column of another style than chosen is
 ignored, as TRL does, and the prompt is implicit). Paired rows may carry score_chosen, score_rejected,
-margin and weight; the others may carry weight.
+margin, weight and win_prob_chosen / win_prob_rejected (SPPO, DNO: each completion's win
+probability against the previous iterate); the others may carry weight.
 
 A `Record` is the normalised row: one prompt and K completions in a fixed order per kind
 (paired: chosen, rejected; unpaired: the completion; triple: chosen, rejected, gold; listwise:
@@ -37,7 +38,8 @@ FORMATS = {
     "unpaired": ("prompt", "completion", "label"),
     "ranked": ("prompt", "completions", "scores"),
 }
-PAIR_FIELDS = ("score_chosen", "score_rejected", "margin", "weight")
+PAIR_FIELDS = ("score_chosen", "score_rejected", "margin", "weight", "win_prob_chosen",
+               "win_prob_rejected")
 OPTIONAL_FIELDS = {
     "triple": PAIR_FIELDS, "preference": PAIR_FIELDS, "implicit_preference": PAIR_FIELDS,
     "unpaired": ("weight",), "ranked": ("weight",),

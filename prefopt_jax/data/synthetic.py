@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefopt_jax.data.tokenized import TokenizedData, from_lists
+from prefopt_jax.data.tokenized import TokenizedData, from_lists, unpair
 
 WORDS = ("the cat dog sat on a mat and ran to big small red blue green house tree river sun "
          "moon star is was very quite happy sad good bad answer question why how what yes no "
@@ -88,16 +88,50 @@ def row_of(fmt: str, prompt: str, texts: list[str], rng, conversational: bool) -
 
 def synthetic_tokenized(n: int, seed: int = 0, prompt_median: float = 120.0,
                         completion_median: float = 220.0, sigma: float = 1.0,
-                        max_length: int = 2048, vocab_size: int = 32000) -> TokenizedData:
-    """Paired examples with log-normal prompt and completion lengths, like real preference data.
+                        max_length: int = 2048, vocab_size: int = 32000,
+                        k: int = 2, kind: str = "paired") -> TokenizedData:
+    """Examples of `k` completions with log-normal prompt and completion lengths, like real
+    preference data (paired by default; `kind` names what the K completions are).
 
     Prompts are capped at half of max_length and each completion at what is left, as a
     truncating tokenizer would leave them.
     """
     rng = np.random.default_rng(seed)
     lp_n = np.clip(rng.lognormal(np.log(prompt_median), sigma, n), 4, max_length // 2).astype(int)
-    lc_n2 = np.clip(rng.lognormal(np.log(completion_median), sigma, (n, 2)), 2, None).astype(int)
-    lc_n2 = np.minimum(lc_n2, max_length - lp_n[:, None])
+    lc_nk = np.clip(rng.lognormal(np.log(completion_median), sigma, (n, k)), 2, None).astype(int)
+    lc_nk = np.minimum(lc_nk, max_length - lp_n[:, None])
     prompts = [rng.integers(1, vocab_size, size=m) for m in lp_n]
-    completions = [rng.integers(1, vocab_size, size=m) for m in lc_n2.reshape(-1)]
-    return from_lists("paired", 2, prompts, completions, np.arange(n), {})
+    completions = [rng.integers(1, vocab_size, size=m) for m in lc_nk.reshape(-1)]
+    return from_lists(kind, k, prompts, completions, np.arange(n), {})
+
+
+# Examples of the `tiny` data source, by the kind of data an objective reads.
+TINY_KINDS = ("paired", "triple", "unpaired", "listwise")
+TINY_LIST_SIZE = 4
+
+
+def tiny_data(kind: str, n: int, seed: int, vocab_size: int,
+              win_probs: bool = False) -> TokenizedData:
+    """The synthetic `tiny` source: `n` short examples of a kind (tokens drawn from the vocabulary).
+
+    paired (chosen, rejected); triple (chosen, rejected, gold); unpaired (the first n of
+    `ceil(n / 2)` pairs split into a desirable and an undesirable example); listwise (lists of
+    TINY_LIST_SIZE with random scores). `win_probs` adds win-probability columns to paired and
+    triple data (SPPO, DNO).
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"no tiny data of kind {kind!r}; known: {TINY_KINDS}")
+    k = {"paired": 2, "unpaired": 2, "triple": 3, "listwise": TINY_LIST_SIZE}[kind]
+    data = synthetic_tokenized(-(-n // 2) if kind == "unpaired" else n, seed=seed,
+                               prompt_median=6, completion_median=8, max_length=48,
+                               vocab_size=vocab_size, k=k,
+                               kind="paired" if kind == "unpaired" else kind)
+    rng = np.random.default_rng([seed, 1])
+    if kind == "listwise":
+        data.fields["scores"] = np.stack([rng.permutation(k) for _ in range(n)]).astype(np.float32)
+    if win_probs and kind in ("paired", "triple"):
+        high_n, low_n = np.sort(rng.uniform(0.05, 0.95, (2, n)), axis=0)[::-1]
+        data.fields.update(win_prob_chosen=high_n.astype(np.float32),
+                           win_prob_rejected=low_n.astype(np.float32))
+    return unpair(data).select(np.arange(n)) if kind == "unpaired" else data
+

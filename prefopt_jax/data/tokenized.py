@@ -15,7 +15,8 @@ import tempfile
 import numpy as np
 
 # Per-example fields and their defaults when a dataset does not carry them.
-FIELD_DEFAULTS = {"weight": 1.0, "margin": 0.0, "score_chosen": np.nan, "score_rejected": np.nan}
+FIELD_DEFAULTS = {"weight": 1.0, "margin": 0.0, "score_chosen": np.nan, "score_rejected": np.nan,
+                  "win_prob_chosen": np.nan, "win_prob_rejected": np.nan}
 SIDE_NAMES = {"paired": ("chosen", "rejected"), "triple": ("chosen", "rejected", "gold"),
               "unpaired": ("completion",)}
 
@@ -127,3 +128,53 @@ def save_npz_atomic(path: str, arrays: dict) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def unpair(data: TokenizedData) -> TokenizedData:
+    """Paired examples as unpaired ones: each chosen desirable, each rejected undesirable (the
+    way TRL's KTO and BCO read paired data); per-example fields other than weight are dropped.
+
+    The example of row i's chosen completion gets example index 2i, its rejected one 2i + 1
+    (indices stay unique, as the reference cache needs).
+    """
+    n = len(data)
+    prompts = [data.prompt(i // 2) for i in range(2 * n)]
+    completions = [data.completion(i // 2, i % 2) for i in range(2 * n)]
+    fields = {"label": (np.arange(2 * n) % 2 == 0).astype(np.float32)}
+    if "weight" in data.fields:
+        fields["weight"] = np.repeat(data.fields["weight"], 2)
+    index_n = 2 * np.repeat(data.example_index_n, 2) + np.arange(2 * n) % 2
+    return from_lists("unpaired", 1, prompts, completions, index_n, fields)
+
+
+def take_completions(data: TokenizedData, kind: str, k: int) -> TokenizedData:
+    """The first `k` completions of each example, as data of `kind` (a triple's chosen and
+    rejected as paired data)."""
+    prompts = [data.prompt(i) for i in range(len(data))]
+    completions = [data.completion(i, j) for i in range(len(data)) for j in range(k)]
+    return from_lists(kind, k, prompts, completions, data.example_index_n, dict(data.fields))
+
+
+KIND_FIELDS = {"paired": "prompt, chosen, rejected",
+               "triple": "prompt, gold, chosen, rejected",
+               "unpaired": "prompt, completion, label",
+               "listwise": "prompt, completions, scores"}
+
+
+# How data of one kind is read as another: paired -> unpaired (each side labelled), triple ->
+# paired (the gold completion left out), paired -> listwise (lists of two, chosen ranked first).
+def as_kind(data: TokenizedData, kind: str, source: str = "the data") -> TokenizedData:
+    """`data` as examples of `kind`, where a reading exists; otherwise a ValueError naming both."""
+    if data.kind == kind:
+        return data
+    if (data.kind, kind) == ("paired", "unpaired"):
+        return unpair(data)
+    if (data.kind, kind) == ("triple", "paired"):
+        return take_completions(data, "paired", 2)
+    if (data.kind, kind) == ("paired", "listwise"):
+        listed = take_completions(data, "listwise", 2)
+        listed.fields["scores"] = np.tile(np.array([1.0, 0.0], np.float32), (len(data), 1))
+        return listed
+    have = ", ".join(side_names(data.kind, data.num_completions))
+    raise ValueError(f"{source} holds {data.kind} examples ({have}); the objective reads "
+                     f"{kind} examples ({KIND_FIELDS.get(kind, kind)})")

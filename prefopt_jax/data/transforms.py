@@ -61,12 +61,14 @@ def flip_labels(records: list[Record], rate: float, seed: int, kind: str) -> lis
 
 
 def swap_scores(fields: dict) -> None:
-    """Swaps score_chosen and score_rejected in place (either may be absent)."""
-    chosen, rejected = fields.pop("score_chosen", None), fields.pop("score_rejected", None)
-    if rejected is not None:
-        fields["score_chosen"] = rejected
-    if chosen is not None:
-        fields["score_rejected"] = chosen
+    """Swaps the chosen and rejected sides' scores and win probabilities in place (any of them
+    may be absent)."""
+    for a, b in (("score_chosen", "score_rejected"), ("win_prob_chosen", "win_prob_rejected")):
+        chosen, rejected = fields.pop(a, None), fields.pop(b, None)
+        if rejected is not None:
+            fields[a] = rejected
+        if chosen is not None:
+            fields[b] = chosen
 
 
 def condition_prompt(prompt, score: float, template: str, system_template: str):

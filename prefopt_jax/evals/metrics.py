@@ -1,4 +1,4 @@
-"""Evaluation metrics on arrays (ALGORITHMS.md section 6): pure numpy functions.
+"""Evaluation metrics on arrays : pure numpy functions.
 
 Shape letters: `p` preference pairs, `q` sampled sequences, `c` completion positions.
 
@@ -51,7 +51,7 @@ def idealised_log_ratio(ref_logps_w_p, ref_logps_l_p, alpha_p, beta):
     """`log pi*(y_w)/pi*(y_l) = log pi_ref(y_w)/pi_ref(y_l) + (1/b) log(alpha/(1-alpha))`.
 
     The ratio under perfect DPO/RLHF optimisation when a Bradley-Terry rater prefers `y_w` with
-    probability `alpha` (ALGORITHMS.md section 6).
+    probability `alpha` ("Preference Learning Algorithms Do Not Learn Preference Rankings").
     """
     alpha_p = np.asarray(alpha_p, np.float64)
     return (np.asarray(ref_logps_w_p, np.float64) - ref_logps_l_p

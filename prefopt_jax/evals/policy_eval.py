@@ -1,4 +1,5 @@
-"""Evaluate a trained policy (ALGORITHMS.md section 6) and its implicit vs an explicit reward model.
+"""Evaluate a trained policy (accuracies, KL, win rate, lengths) and its implicit reward model
+against an explicit one.
 
 Shape letters: `p` pairs, `q` sequences (chosen `2p`, rejected `2p + 1`), `c` completion
 positions, `b` prompts, `n` samples per prompt.
@@ -22,10 +23,14 @@ import numpy as np
 from flax import nnx
 
 from prefopt_jax import data as data_lib
-from prefopt_jax.evals import metrics, rm_scorers
+from prefopt_jax.data.synthetic import tiny_data
+from prefopt_jax.evals import metrics
+from prefopt_jax.models.spec import load_model
+from prefopt_jax.rewards import reward_model as rm_lib
+from prefopt_jax.rewards import scorers as rm_scorers
 from prefopt_jax.sampling import scorers, search
 from prefopt_jax.sampling.generate import SamplingConfig
-from prefopt_jax.train import logps as logps_lib
+from prefopt_jax.scoring import logps as logps_lib
 
 _token_logps = jax.jit(lambda graphdef, state, batch: logps_lib.token_logps(
     nnx.merge(graphdef, state), batch), static_argnums=0)
@@ -62,8 +67,7 @@ def pair_metrics(policy, ref, data, beta: float, alpha: float = 0.9, rm=None,
         "implicit_margin_mean": float(np.mean(beta * ((l_w - ref_w) - (l_l - ref_l)))),
     }
     if rm is not None:
-        from prefopt_jax.train import reward_model
-        r_w, r_l = reward_model.score_pairs(rm, data, batch_size)
+        r_w, r_l = rm_lib.score_pairs(rm, data, batch_size)
         out["explicit_reward_accuracy"] = metrics.reward_accuracy(r_w, r_l)
     return out
 
@@ -120,9 +124,8 @@ def implicit_vs_explicit(policy, ref, rm, tokenizer, heldout: str, shifted: str 
 def policy_from_run(model_spec, loop_config):
     """(policy, reference, tokenizer): the run's exported policy and the model it started from."""
     from prefopt_jax.models import from_pretrained
-    from prefopt_jax.train import loop as loop_lib
 
-    ref, tokenizer = loop_lib.load_model(dataclasses.replace(model_spec, lora=None))
+    ref, tokenizer = load_model(dataclasses.replace(model_spec, lora=None))
     export = os.path.join(loop_config.output_dir, "export")
     if not os.path.isdir(export):
         raise FileNotFoundError(f"no exported policy at {export}: run `prefopt train` with this "
@@ -135,8 +138,7 @@ def heldout_pairs(data_spec, heldout, tokenizer, seed: int, vocab_size: int):
     """The held-out pairs: a file, or fresh synthetic pairs for the tiny model."""
     if heldout:
         return load_pairs(heldout, tokenizer, data_spec.max_length)
-    from prefopt_jax.train import loop as loop_lib
-    return loop_lib.tiny_data(data_spec.tiny_examples, seed + 1, vocab_size, False)
+    return tiny_data("paired", data_spec.tiny_examples, seed + 1, vocab_size)
 
 
 @gin.configurable("evaluate")
@@ -154,7 +156,6 @@ def evaluate(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED, loop=gin.
     pairs = heldout_pairs(data, source, tokenizer, loop.seed, ref.config.vocab_size)
     rm = None
     if reward_model:
-        from prefopt_jax.train import reward_model as rm_lib
         rm = rm_lib.load(reward_model)[0]
     result = {"beta": beta, "alpha": alpha, "heldout": source or "tiny synthetic pairs",
               "pairs": pair_metrics(policy, ref, pairs, beta, alpha, rm)}

@@ -16,6 +16,11 @@ from prefopt_jax.models.transformer import ModelConfig
 
 PREFIX = "random:"
 
+# The `tiny` source: one layer of width 32, for smoke runs and tests (vocabulary of 61 ids).
+TINY_VOCAB = 61
+TINY = ModelConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
+                   num_heads=4, num_kv_heads=2, head_dim=8)
+
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 _LLAMA3 = dict(vocab_size=128256, num_kv_heads=8, head_dim=None, rope_theta=500000.0,
@@ -48,6 +53,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 def is_random(source: str) -> bool:
     return source.startswith(PREFIX)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The tiny model's config with ModelConfig overrides (e.g. scan_layers, dtype)."""
+    return ModelConfig(**{**TINY.__dict__, **overrides})
 
 
 def config(source: str, **overrides) -> ModelConfig:

@@ -7,7 +7,7 @@ positions (left-padded), `s` prompt plus completion positions, `c` completion po
 A scorer takes `Candidates` (prompt token ids and `[B, N, C]` completion tokens with their mask)
 and returns float scores `[B, N]`. Implementations: an explicit reward model (Transformer +
 `RewardHead`), the implicit reward of a DPO policy against its reference, ensembles of scorers
-(mean / WCO / UWO from `losses.rewards`), and a Python function on decoded text (e.g. VADER).
+(mean / WCO / UWO from `rewards.aggregate`), and a Python function on decoded text (e.g. VADER).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefopt_jax.losses import rewards as reward_fns
+from prefopt_jax.rewards.aggregate import AGGREGATIONS
 from prefopt_jax.sampling.generate import left_pad
-from prefopt_jax.train.logps import float32_projection, gathered_logps
+from prefopt_jax.scoring.logps import float32_projection, gathered_logps
 
 
 class Candidates(NamedTuple):
@@ -115,9 +115,6 @@ class ImplicitRewardScorer:
         return self.beta * (logps_bnc.sum(-1) - ref_logps_bnc.sum(-1))
 
 
-AGGREGATIONS = {"mean": reward_fns.ensemble_mean, "wco": reward_fns.wco, "uwo": reward_fns.uwo}
-
-
 class EnsembleScorer:
     """A reward ensemble aggregated by `mean`, `wco` (min) or `uwo` (mean - lam var)."""
 
@@ -160,7 +157,7 @@ class TextScorer:
 
 
 def sentiment_scorer(tokenizer) -> TextScorer:
-    """VADER compound sentiment of the decoded reply (`prefopt_jax.evals.sentiment`)."""
-    from prefopt_jax.evals import sentiment
+    """VADER compound sentiment of the decoded reply (`prefopt_jax.rewards.sentiment`)."""
+    from prefopt_jax.rewards import sentiment
 
     return TextScorer(sentiment.compound, tokenizer, batched=True)

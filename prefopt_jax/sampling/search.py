@@ -220,7 +220,7 @@ def beam_search(model, prompts: Sequence[Sequence[int]], config: BeamConfig, *,
 
     With `ref_model`, the beams are scored by the reference in one batched forward and
     `rewards_bw = beta * (sum logp - sum logp_ref)` (search on the implicit reward,
-    ALGORITHMS.md section 3).
+    "From r to Q*").
     """
     tokens_bt, positions_bt, segment_ids_bt = gen.left_pad(prompts, pad_id)
     graphdef, params = nnx.split(model)
@@ -280,7 +280,7 @@ def best_of_n(model, prompts, scorer, n: int, config: gen.SamplingConfig, rng=0,
 
 @functools.partial(jax.jit, static_argnames=("num_accept",))
 def rso_accept(rewards_bn, rng, beta, *, num_accept: int):
-    """Statistical rejection sampling (RSO, ALGORITHMS.md section 5): indices `[B, K]`.
+    """Statistical rejection sampling (RSO): accepted indices `[B, K]`.
 
     Per prompt, until `K` are accepted: `M` = max reward among the remaining candidates; each
     remaining candidate, in order, is accepted with probability `exp((r - M)/beta)` until `K`
@@ -358,7 +358,7 @@ def _guided_decode(graphdefs, params, tokens_bt, positions_bt, segment_ids_bt, r
 
 def guided_generate(base, dpo, ref, prompts, config: gen.SamplingConfig, beta: float = 1.0,
                     rng=0, pad_id: int = 0) -> gen.Generation:
-    """Samples from `pi(a|s) ∝ pi_base(a|s) (pi_dpo(a|s)/pi_ref(a|s))^beta` (ALGORITHMS.md s. 3).
+    """Samples from `pi(a|s) ∝ pi_base(a|s) (pi_dpo(a|s)/pi_ref(a|s))^beta` ("From r to Q*").
 
     The three models share the tokenizer; each keeps its own KV cache. `logps_bn` are under the
     combined, renormalised policy.

@@ -5,7 +5,7 @@ positions, `d` model width, `i` optimisation steps.
 
 Convention: `values_qc[q, c] = V(x || y_<=c)`, the value of the state right after completion
 token `c`, read from the frozen policy's hidden state at that token; it estimates the terminal
-reward `r(x, y)`. With gamma = 1 and only a terminal reward (ALGORITHMS.md section 5), the
+reward `r(x, y)`. With gamma = 1 and only a terminal reward (VAS), the
 lambda-return is `R_T = r` at the last token and `R_c = (1 - lam) V_{c+1} + lam R_{c+1}` before
 it; the loss is `0.5 (V_c - R_c)^2` averaged over real tokens, targets without gradient
 (semi-gradient TD(lambda)). Decoding reads `V(s || a)` the same way

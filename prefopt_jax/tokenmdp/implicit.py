@@ -1,8 +1,9 @@
 """Implicit token-level rewards, soft values and advantages of a policy against its reference.
 
-The token-level MDP (docs: ALGORITHMS.md section 3) is deterministic: state ``s_t = (x, y_<t)``,
-action ``a_t = y_t``, next state ``s_{t+1} = s_t || y_t``; the step after the last real completion
-token is terminal with ``V = 0``. ``beta`` is the KL temperature ``b``.
+The token-level MDP of "From r to Q*: Your Language Model is Secretly a Q-Function" is
+deterministic: state ``s_t = (x, y_<t)``, action ``a_t = y_t``, next state
+``s_{t+1} = s_t || y_t``; the step after the last real completion token is terminal with
+``V = 0``. ``beta`` is the KL temperature ``b``.
 
 Alignment (the same as the per-token log-probs the engine computes):
 

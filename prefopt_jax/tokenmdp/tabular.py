@@ -9,7 +9,8 @@ breadth first: the root is 0 and the child of node ``n`` by token ``a`` is ``V n
 
 Per prompt, the MDP carries a per-token reward ``r(s, a)`` and a reference ``pi_ref(a|s)``; the
 sequence reward is ``R(y) = sum_t r(s_t, y_t)``. Soft value iteration at temperature ``b``
-(ALGORITHMS.md section 3, reference folded in) gives ``Q*(s,a) = r + b log pi_ref + V*(s')``,
+(the token-level MDP of "From r to Q*", reference folded in) gives
+``Q*(s,a) = r + b log pi_ref + V*(s')``,
 ``V*(s) = b logsumexp_a Q*(s,a)/b``, ``V*(terminal) = 0``, ``b log pi* = Q* - V*``. The solver and
 the exact sequence-level quantities use float64 numpy; training uses jax with the registry's
 losses on ``PairwiseInputs`` gathered from tabular logits, exactly as the language model does.

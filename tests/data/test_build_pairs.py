@@ -8,9 +8,11 @@ import pytest
 from prefopt_jax import cli
 from prefopt_jax import data as data_lib
 from prefopt_jax.data.synthetic import tiny_tokenizer
-from prefopt_jax.evals import onpolicy
+from prefopt_jax.sampling import onpolicy
 from prefopt_jax.sampling.generate import SamplingConfig
-from prefopt_jax.train import loop, reward_model, tiny
+from prefopt_jax.rewards import reward_model
+from prefopt_jax.train import tiny
+from prefopt_jax.models.spec import random_model
 
 
 def length_scorer(c):
@@ -19,7 +21,7 @@ def length_scorer(c):
 
 @pytest.fixture(scope="module")
 def policy():
-    return loop.tiny_model(tiny.config())
+    return random_model(tiny.config())
 
 
 def test_select_pairs_modes():
@@ -51,14 +53,14 @@ def test_pairs_are_ordered_by_score(policy, mode):
         assert len(data.completion(i, 1)) == scored.scores_bn[b, l]
         if mode == "best_vs_worst":
             assert scored.scores_bn[b, w] == scored.scores_bn[b].max()
-    assert np.all(data.fields["extra/win_prob_w_p"] >= data.fields["extra/win_prob_l_p"])
+    assert np.all(data.fields["win_prob_chosen"] >= data.fields["win_prob_rejected"])
 
 
 def test_command_writes_rows_the_data_module_reads(tmp_path):
     from prefopt_jax.models import save_pretrained
 
     tokenizer = tiny_tokenizer()
-    model = loop.tiny_model(tiny.config(vocab_size=len(tokenizer)))
+    model = random_model(tiny.config(vocab_size=len(tokenizer)))
     save_pretrained(model, tmp_path / "policy", tokenizer)
     rm = reward_model.new_reward_model(model, init_scale=1.0, seed=3)
     reward_model.save(rm, str(tmp_path / "rm"), tokenizer)

@@ -7,7 +7,9 @@ import numpy as np
 
 from prefopt_jax import cli
 from prefopt_jax.data.synthetic import synthetic_rows, tiny_tokenizer
-from prefopt_jax.train import loop, reward_model, tiny
+from prefopt_jax.rewards import reward_model
+from prefopt_jax.train import tiny
+from prefopt_jax.models.spec import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/experiments/eval_dpo_tiny.gin"
@@ -35,8 +37,8 @@ def test_implicit_vs_explicit(tmp_path):
 
     tokenizer = tiny_tokenizer()
     config = tiny.config(vocab_size=len(tokenizer))
-    policy = loop.tiny_model(config)
-    ref = loop.tiny_model(config)
+    policy = random_model(config)
+    ref = random_model(config)
     save_pretrained(policy, tmp_path / "policy", tokenizer)
     save_pretrained(ref, tmp_path / "ref", tokenizer)
     reward_model.save(reward_model.new_reward_model(policy, init_scale=1.0, seed=5),

@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 
-from prefopt_jax.evals import calibration, rm_scorers
+from prefopt_jax.rewards import calibration
+from prefopt_jax.rewards import scorers as rm_scorers
 from prefopt_jax.sampling.scorers import Candidates
-from prefopt_jax.train import loop, reward_model, tiny
+from prefopt_jax.rewards import reward_model
+from prefopt_jax.train import tiny
+from prefopt_jax.models.spec import random_model
 
 
 def test_reliability_bins_and_ece_by_hand():
@@ -34,7 +37,7 @@ def test_pair_report_symmetrises():
 
 @pytest.fixture(scope="module")
 def members():
-    return [reward_model.new_reward_model(loop.tiny_model(tiny.config()), init_scale=1.0,
+    return [reward_model.new_reward_model(random_model(tiny.config()), init_scale=1.0,
                                           seed=s) for s in range(3)]
 
 

@@ -5,7 +5,7 @@ Shape letters: `b` prompts, `n` candidates per prompt, `m` reference replies per
 
 Everything returns a callable `scorer(candidates) -> scores_bn` (the `sampling.scorers`
 contract), so best-of-N, RSO, `prefopt data build-pairs` and the iterative loop take any of them.
-The aggregations and PAR are the functions of `losses.rewards`; nothing is re-derived here.
+The aggregations and PAR are the functions of `rewards.aggregate`; nothing is re-derived here.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from prefopt_jax.losses import rewards as reward_fns
+from prefopt_jax.rewards import aggregate as reward_fns
 from prefopt_jax.sampling import generate as gen
 from prefopt_jax.sampling import scorers
 from prefopt_jax.sampling.scorers import Candidates
 
 
 def reward_model_scorer(rm) -> scorers.RewardModelScorer:
-    """A `train.reward_model.RewardModel` as a scorer (its trunk and head)."""
+    """A `rewards.reward_model.RewardModel` as a scorer (its trunk and head)."""
     return scorers.RewardModelScorer(rm.trunk, rm.head)
 
 
@@ -71,10 +71,10 @@ def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0
 
     `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean
     token id: tiny smoke runs),
-    `rm:DIR` (a reward model written by `train.reward_model.save`) or
+    `rm:DIR` (a reward model written by `rewards.reward_model.save`) or
     `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`).
     """
-    from prefopt_jax.train import reward_model
+    from prefopt_jax.rewards import reward_model
 
     kind, _, arg = spec.partition(":")
     if kind == "sentiment":

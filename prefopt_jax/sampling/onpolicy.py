@@ -4,7 +4,7 @@ Shape letters: `b` prompts, `n` (= k) candidates per prompt, `c` completion posi
 accepted (RSO) candidates, `p` pairs.
 
 Used by `prefopt data build-pairs` (rows as JSONL in the standard preference format) and by the
-iterative loop (`train.iterative`, token-level `TokenizedData` with SPPO win probabilities).
+iterative loop (`online.iterative`, token-level `TokenizedData` with SPPO win probabilities).
 Selection modes: `best_vs_worst` (one pair per prompt), `all_pairs` (every strictly ordered
 pair), `rso` (statistical rejection sampling picks `accept` candidates, then best vs worst
 among them). Prompts whose candidates all tie give no pair.
@@ -92,8 +92,8 @@ def reply_tokens(candidates: Candidates, b: int, n: int) -> np.ndarray:
 
 def to_tokenized(scored: Scored, win_scale: float | None = None,
                  with_win_probs: bool = False) -> TokenizedData:
-    """Pairs as paired `TokenizedData` (prompt tokens as sampled) with scores and, for SPPO,
-    `extra/win_prob_w_p` / `extra/win_prob_l_p` fields that ride into the batch."""
+    """Pairs as paired `TokenizedData` (prompt tokens as sampled) with scores and, for SPPO and
+    DNO, the win probabilities `win_prob_chosen` / `win_prob_rejected` (the `win_probs` need)."""
     cands, pairs = scored.candidates, scored.pairs
     if not pairs:
         raise ValueError("no pair: every prompt's candidates tied under the scorer")
@@ -104,8 +104,8 @@ def to_tokenized(scored: Scored, win_scale: float | None = None,
               "score_rejected": take(scored.scores_bn, 2)}
     if with_win_probs:
         wp_bn = win_probs(scored.scores_bn, win_scale)
-        fields["extra/win_prob_w_p"] = take(wp_bn, 1)
-        fields["extra/win_prob_l_p"] = take(wp_bn, 2)
+        fields["win_prob_chosen"] = take(wp_bn, 1)
+        fields["win_prob_rejected"] = take(wp_bn, 2)
     return from_lists("paired", 2, prompts, completions, np.arange(len(pairs)), fields)
 
 

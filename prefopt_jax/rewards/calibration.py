@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefopt_jax.evals.metrics import reward_accuracy
-
 
 def reliability_bins(probs_n, labels_n, num_bins: int = 10) -> dict[str, np.ndarray]:
     """Equal-width bins on [0, 1]: count, mean predicted probability and observed frequency.
@@ -55,7 +53,7 @@ def pair_report(r_w_p, r_l_p, num_bins: int = 10) -> dict:
     clean = lambda x: [None if np.isnan(v) else float(v) for v in x]  # noqa: E731
     return {
         "pairs": int(np.size(r_w_p)),
-        "accuracy": reward_accuracy(r_w_p, r_l_p),
+        "accuracy": float(np.mean(np.asarray(r_w_p) > np.asarray(r_l_p))),
         "ece": expected_calibration_error(probs_n, labels_n, num_bins),
         "margin_mean": float(np.mean(np.asarray(r_w_p) - np.asarray(r_l_p))),
         "reliability": {k: clean(v) for k, v in bins.items()},

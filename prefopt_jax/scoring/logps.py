@@ -7,7 +7,9 @@ Shape letters: `r` batch rows, `t` row positions, `d` model width, `v` vocabular
 The model runs once with `return_hidden=True`; the hidden states that predict completion tokens
 are gathered with the batch's flat `source_index` (`r * L + t`), and only those are projected to
 the vocabulary, `chunk_size` positions at a time under `jax.checkpoint`, so the forward and the
-backward pass each hold at most one `[chunk_size, V]` float32 block (invariant 4).
+backward pass each hold at most one `[chunk_size, V]` float32 block per model (invariant 4).
+`gathered_terms` computes any per-token function of one or several models' logits that way
+(target log-probs, WPO's `log sum_v p_v^2`, AlignDistil's KL to a teacher).
 
 `mismatched_batch` builds, inside the step, the batch of KTO's mismatched sequences (prompt of
 example q, completion of the next example) from any layout's batch.
@@ -15,7 +17,7 @@ example q, completion of the next example) from any layout's batch.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,28 +31,32 @@ def model_hidden(model, batch: Mapping[str, Array]) -> Array:
                  return_hidden=True)
 
 
-def chunk_target_logps(project: Callable[[Array], Array], hidden_md: Array,
-                       targets_m: Array) -> Array:
-    """log p(target) for `m` positions: project, log-softmax in float32, pick the target.
-
-    Logits in a low-precision dtype are widened first; `float32_projection` gives a model's
-    projection that returns float32 logits straight from the matmul's accumulator.
-    """
-    logits_mv = project(hidden_md[None])[0].astype(jnp.float32)
-    logz_m = jax.nn.logsumexp(logits_mv, axis=-1)
-    picked_m = jnp.take_along_axis(logits_mv, targets_m[:, None], axis=-1)[:, 0]
-    return picked_m - logz_m
-
-
 def float32_projection(model) -> Callable[[Array], Array]:
     """`model.project` returning float32 logits (a bf16 model's are not rounded to bf16)."""
     return lambda hidden: model.project(hidden, jnp.float32)
 
 
-def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_index_qc: Array,
-                   target_tokens_qc: Array, chunk_size: int = 512,
-                   mask_qc: Array | None = None) -> Array:
-    """Float32 log-probs `[Q, C]` of `target_tokens` predicted at flat positions `source_index`.
+def target_terms(logits_mv: Array, targets_m: Array, token_stats: bool = False) -> dict:
+    """Per-position terms of one model's float32 logits: `logps` of the targets, and with
+    `token_stats` WPO's `log_sum_p2 = log sum_v p_v^2` (no gradient: WPO's weights are frozen)."""
+    logz_m = jax.nn.logsumexp(logits_mv, axis=-1)
+    picked_m = jnp.take_along_axis(logits_mv, targets_m[:, None], axis=-1)[:, 0]
+    out = {"logps": picked_m - logz_m}
+    if token_stats:
+        logp_mv = jax.lax.stop_gradient(logits_mv - logz_m[:, None])
+        out["log_sum_p2"] = jax.nn.logsumexp(2.0 * logp_mv, axis=-1)
+    return out
+
+
+def gathered_terms(fn: Callable[..., dict], projects: Sequence[Callable[[Array], Array]],
+                   hiddens_rtd: Sequence[Array], source_index_qc: Array, target_tokens_qc: Array,
+                   chunk_size: int = 512, mask_qc: Array | None = None) -> dict:
+    """Per-token terms `[Q, C]` of several models' logits at the flat positions `source_index`.
+
+    `fn(logits_mv_0, logits_mv_1, ..., targets_m) -> {name: [m]}` sees each model's float32
+    logits (`projects[i]` of `hiddens_rtd[i]`) of one chunk of `m` positions at a time, so the
+    forward and the backward pass each hold at most one `[m, V]` float32 block per model
+    (invariant 4); the chunk is recomputed in the backward pass (`jax.checkpoint`).
 
     Without `mask_qc` every position is computed (a masked one's index is any valid one) and
     left to the caller's mask. With it, the positions are computed in chunks of the unmasked ones
@@ -60,7 +66,7 @@ def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_
     Nothing here depends on the layout, so padded, packed and prefix-shared batches share one
     path.
     """
-    r, t, d = hidden_rtd.shape
+    r, t, _ = hiddens_rtd[0].shape
     q, c = source_index_qc.shape
     n = q * c
     m = max(1, min(chunk_size, n))
@@ -76,24 +82,48 @@ def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_
         index_n, targets_n = index_n[order_n], targets_n[order_n]
         valid = jnp.sum(real_n.astype(jnp.int32))
     index_n = jnp.pad(index_n, (0, pad))
-    targets_n = jnp.pad(targets_n, (0, pad))
-    hidden_kmd = hidden_rtd.reshape(r * t, d)[index_n].reshape(k, m, d)
+    targets_km = jnp.pad(targets_n, (0, pad)).reshape(k, m)
+    hiddens_kmd = [h.reshape(r * t, h.shape[-1])[index_n].reshape(k, m, h.shape[-1])
+                   for h in hiddens_rtd]
+    shapes = jax.eval_shape(lambda y: fn(*[jnp.zeros((m, 1), jnp.float32) for _ in projects], y),
+                            targets_km[0])
+
     # Recompute each chunk's logits in the backward pass instead of saving [m, V] per chunk.
     # The skip sits inside the checkpoint: a checkpoint inside the cond would make the cond
     # return the projection weights as a residual, stacked once per chunk by the map.
     @jax.checkpoint
     def chunk(xs):
-        i, h_md, y_m = xs
-        return jax.lax.cond(i * m < valid, lambda h, y: chunk_target_logps(project, h, y),
-                            lambda h, y: jnp.zeros(y.shape, jnp.float32), h_md, y_m)
+        i, y_m, *h_md = xs
 
-    logps_km = jax.lax.map(chunk, (jnp.arange(k, dtype=jnp.int32), hidden_kmd,
-                                   targets_n.reshape(k, m)))
-    logps_n = logps_km.reshape(k * m)[:n]
-    if order_n is not None:
-        logps_n = jnp.zeros_like(logps_n).at[order_n].set(logps_n, unique_indices=True)
-        logps_n = jnp.where(real_n, logps_n, 0.0)
-    return logps_n.reshape(q, c)
+        def compute(y_m, *h_md):
+            return fn(*[project(h[None])[0].astype(jnp.float32)
+                        for project, h in zip(projects, h_md)], y_m)
+
+        def skip(y_m, *h_md):
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+        return jax.lax.cond(i * m < valid, compute, skip, y_m, *h_md)
+
+    terms_km = jax.lax.map(chunk, (jnp.arange(k, dtype=jnp.int32), targets_km, *hiddens_kmd))
+
+    def unsort(x_km):
+        x_n = x_km.reshape(k * m)[:n]
+        if order_n is not None:
+            x_n = jnp.zeros_like(x_n).at[order_n].set(x_n, unique_indices=True)
+            x_n = jnp.where(real_n, x_n, 0.0)
+        return x_n.reshape(q, c)
+
+    return {name: unsort(x_km) for name, x_km in terms_km.items()}
+
+
+def gathered_logps(project: Callable[[Array], Array], hidden_rtd: Array, source_index_qc: Array,
+                   target_tokens_qc: Array, chunk_size: int = 512,
+                   mask_qc: Array | None = None) -> Array:
+    """Float32 log-probs `[Q, C]` of `target_tokens` predicted at flat positions `source_index`
+    (one model's `gathered_terms`; masked positions are 0 when `mask_qc` is given)."""
+    return gathered_terms(lambda logits_mv, y_m: target_terms(logits_mv, y_m), [project],
+                          [hidden_rtd], source_index_qc, target_tokens_qc, chunk_size,
+                          mask_qc)["logps"]
 
 
 def token_logps(model, batch: Mapping[str, Array], chunk_size: int = 512) -> Array:
