@@ -1,4 +1,5 @@
-"""The `tiny` switch: a small random model and synthetic preference batches for smoke runs.
+"""The `tiny` switch: a small random model (`models.presets.TINY`) and synthetic preference
+batches for smoke runs and tests.
 
 Shape letters: `r` rows, `l` row length, `q` sequences, `c` completion positions, `p` pairs.
 
@@ -11,16 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefopt_jax.models.transformer import ModelConfig
+from prefopt_jax.models.presets import TINY as CONFIG
+from prefopt_jax.models.presets import TINY_VOCAB as VOCAB
+from prefopt_jax.models.presets import tiny_config as config
 
-VOCAB = 61
-CONFIG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
-                     num_heads=4, num_kv_heads=2, head_dim=8)
-
-
-def config(**overrides) -> ModelConfig:
-    """The tiny model config with overrides (e.g. scan_layers, dtype, remat_policy)."""
-    return ModelConfig(**{**CONFIG.__dict__, **overrides})
+__all__ = ["CONFIG", "VOCAB", "batch", "config", "layout_packed", "layout_padded",
+           "layout_prefix", "pairs"]
 
 
 def pairs(n: int, seed: int, max_prompt: int = 6, max_completion: int = 7):

@@ -1,4 +1,9 @@
-"""A `prefopt train` process killed with SIGKILL and restarted gives the uninterrupted metrics."""
+"""A `prefopt train` process killed with SIGKILL and restarted gives the uninterrupted metrics.
+
+The policy loop, and the iterative loop killed mid-round (its round's pairs come back from the
+run's `rounds/`), both through the shared driver. Each kill is proven: the process's exit
+status is -9, and a wait that times out fails the test.
+"""
 
 import json
 import os
@@ -7,15 +12,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 6
 
 
-def command(out_dir):
-    return [sys.executable, "-m", "prefopt_jax.cli", "train", "configs/experiments/dpo_tiny.gin",
-            f"--gin.LoopConfig.steps={STEPS}", f"--gin.LoopConfig.output_dir='{out_dir}'",
-            "--gin.LoopConfig.checkpoint_every=2", "--gin.LoopConfig.export=False",
-            "--gin.ModelSpec.overrides={'num_layers': 1}", "--gin.DataSpec.batch_size=4"]
+def command(config, out_dir, *bindings):
+    return [sys.executable, "-m", "prefopt_jax.cli", "train", config,
+            f"--gin.LoopConfig.output_dir='{out_dir}'", *(f"--gin.{b}" for b in bindings)]
 
 
 def records(out_dir):
@@ -24,25 +28,67 @@ def records(out_dir):
 
 
 def env():
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+                                       "--xla_backend_optimization_level=0",
             "JAX_PLATFORMS": "cpu"}
 
 
-def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(command(clean), cwd=ROOT, env=env(), check=True, capture_output=True)
-    proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+def kill_when(cmd, ready, timeout=240):
+    """Start `cmd`, SIGKILL it once `ready()` holds, and prove the kill landed (status -9)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    # Kill once the first checkpoint exists and a later step is logged (mid-run, maybe mid-save).
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        path = killed / "metrics.jsonl"
-        if (killed / "checkpoints" / "2").exists() and path.exists() and \
-                len(path.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run {'ended' if proc.returncode is not None else 'timed out'} "
+                        "before the kill point")
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(command(killed), cwd=ROOT, env=env(), check=True, capture_output=True)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the SIGKILL did not land mid-run"
+
+
+def lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
+    steps = 6
+    bindings = [f"LoopConfig.steps={steps}", "LoopConfig.checkpoint_every=2",
+                "LoopConfig.export=False", "ModelSpec.overrides={'num_layers': 1}",
+                "DataSpec.batch_size=4"]
+    config = "configs/experiments/dpo_tiny.gin"
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(command(config, clean, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    # Kill once the first checkpoint exists and a later step is logged (mid-run, maybe mid-save).
+    kill_when(command(config, killed, *bindings),
+              lambda: (killed / "checkpoints" / "2").exists()
+              and lines(killed / "metrics.jsonl") >= 3)
+    assert lines(killed / "metrics.jsonl") < steps
+    subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
     assert records(killed) == records(clean)
-    assert [r["step"] for r in records(clean)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(clean)] == list(range(1, steps + 1))
+
+
+def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):
+    """Rounds of 4 steps; killed after step 6's checkpoint (round 1 of 3, half trained)."""
+    bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2",
+                "LoopConfig.keep_checkpoints=2", "ModelSpec.overrides={'num_layers': 1}"]
+    config = "configs/experiments/iterative_tiny.gin"
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(command(config, clean, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    kill_when(command(config, killed, *bindings),
+              lambda: (killed / "checkpoints" / "6").exists())
+    assert lines(killed / "metrics.jsonl") < 12
+    assert not (killed / "export").exists()
+    subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    assert records(killed) == records(clean)
+    assert [r["round"] for r in records(clean)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert (killed / "export" / "model.safetensors").exists()
+    assert sorted(os.listdir(killed / "rounds")) == [f"round_{t:04d}.npz" for t in range(3)]
+    with open(killed / "iterations.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 8, 12]

@@ -9,9 +9,11 @@ import pytest
 from prefopt_jax import data as data_lib
 from prefopt_jax import registry
 from prefopt_jax.data.tokenized import from_lists
-from prefopt_jax.evals import calibration
-from prefopt_jax.train import build, loop, optim, tiny
-from prefopt_jax.train import reward_model as rm_lib
+from prefopt_jax.rewards import calibration
+from prefopt_jax.rewards import reward_model as rm_lib
+from prefopt_jax.train import build, optim, tiny
+from prefopt_jax.train import reward_model as rm_train
+from prefopt_jax.models.spec import random_model
 
 TARGET = 7  # the chosen reply always contains this token; the rejected never does
 
@@ -29,12 +31,13 @@ def target_pairs(n: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def trained():
-    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()))
+def trained(tmp_path_factory):
+    rm = rm_lib.new_reward_model(random_model(tiny.config()))
     loader = data_lib.Loader(target_pairs(128, 0), 16, data_lib.LayoutConfig(kind="padded"),
                              num_epochs=None)
     config = optim.OptimConfig(learning_rate=3e-3, schedule="constant", total_steps=40)
-    return rm_lib.fit(rm, loader, build.AlgoConfig(loss="bradley_terry"), config, 40)
+    return rm_train.fit(rm, loader, build.AlgoConfig(loss="bradley_terry"), config, 40,
+                        str(tmp_path_factory.mktemp("rm")))
 
 
 def test_learns_synthetic_preference_on_heldout_pairs(trained):
@@ -89,7 +92,7 @@ def test_last_token_index_points_at_each_last_reply_token(kind):
 
 @pytest.mark.parametrize("kind", data_lib.LAYOUTS)
 def test_one_token_replies_score_as_if_alone_in_every_layout(kind):
-    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()), init_scale=1.0)
+    rm = rm_lib.new_reward_model(random_model(tiny.config()), init_scale=1.0)
     data = one_token_pairs()
     expect = alone_scores(rm, data)
     assert np.ptp(expect) > 1e-3
@@ -99,10 +102,10 @@ def test_one_token_replies_score_as_if_alone_in_every_layout(kind):
 
 def test_search_scorer_agrees_on_one_token_replies():
     """The best-of-N scorer (left-padded prompts, its own forward) reads the same tokens."""
-    from prefopt_jax.evals import rm_scorers
+    from prefopt_jax.rewards import scorers as rm_scorers
     from prefopt_jax.sampling.scorers import Candidates
 
-    rm = rm_lib.new_reward_model(loop.tiny_model(tiny.config()), init_scale=1.0)
+    rm = rm_lib.new_reward_model(random_model(tiny.config()), init_scale=1.0)
     data = one_token_pairs()
     tokens, mask = np.zeros((4, 2, 3), np.int32), np.zeros((4, 2, 3), np.int32)
     for i in range(4):
