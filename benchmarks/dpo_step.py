@@ -86,19 +86,20 @@ def bench_layout(layout: str, mode: str, args) -> dict:
     from prefopt_jax.data import LayoutConfig, Loader
     from prefopt_jax.models import sharding as sharding_lib
     from prefopt_jax.models.lora import LoraConfig
-    from prefopt_jax.train import build, loop, optim
+    from prefopt_jax.models.spec import ModelSpec, load_model
+    from prefopt_jax.train import build, driver, optim
     from prefopt_jax.train.reference import ReferenceConfig
 
-    spec = loop.ModelSpec(source=args.model, overrides={"remat_policy": args.remat,
-                                                          "scan_layers": args.scan_layers},
-                          dtype=args.dtype, param_dtype="float32")
-    model, _ = loop.load_model(spec)
+    spec = ModelSpec(source=args.model, overrides={"remat_policy": args.remat,
+                                                   "scan_layers": args.scan_layers},
+                     dtype=args.dtype, param_dtype="float32")
+    model, _ = load_model(spec)
     data = make_data(model, args)
     layout_config = LayoutConfig(kind=layout, length_step=args.length_step)
     loader = Loader(data, args.examples, layout_config, shuffle=False)
     # own: each batch at its own bucketed shape, as `prefopt train` runs them; agreed: every
     # batch at the largest of them (one compilation).
-    shape = loop.agreed_shape(loader, args.steps + 1) if args.shapes == "agreed" else None
+    shape = driver.agreed_shape(loader, args.steps + 1) if args.shapes == "agreed" else None
     batches = [build.stack_micro([loader.next_batch(min_shape=shape)])
                for _ in range(args.steps + 1)]
     mesh = sharding_lib.make_mesh((1, 1, 1))
@@ -165,9 +166,9 @@ def bench_trl(mode: str, args) -> dict:
     import trl
 
     from prefopt_jax.models import save_pretrained
-    from prefopt_jax.train import loop
+    from prefopt_jax.models.spec import ModelSpec, load_model
 
-    model, tokenizer = loop.load_model(loop.ModelSpec(source=args.model))
+    model, tokenizer = load_model(ModelSpec(source=args.model))
     data = make_data(model, args)
     tmp = tempfile.mkdtemp()
     save_pretrained(model, tmp, tokenizer)

@@ -17,16 +17,19 @@ import gin
 from prefopt_jax.data import LayoutConfig
 from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
-from prefopt_jax.train import build, iterative, loop, optim, reward_model
+from prefopt_jax.models.spec import ModelSpec
+from prefopt_jax.online import iterative
+from prefopt_jax.train import build, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
 CONFIGURABLES = {
-    "ModelSpec": loop.ModelSpec,
+    "ModelSpec": ModelSpec,
     "LoraConfig": LoraConfig,
     "DataSpec": loop.DataSpec,
     "LayoutConfig": LayoutConfig,
     "AlgoConfig": build.AlgoConfig,
     "ReferenceConfig": ReferenceConfig,
+    "TeacherConfig": build.TeacherConfig,
     "OptimConfig": optim.OptimConfig,
     "LoopConfig": loop.LoopConfig,
     "IterativeConfig": iterative.IterativeConfig,
@@ -41,14 +44,22 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
           optim=optim.OptimConfig(), loop=loop.LoopConfig(), tiny: bool = False, trainer=None):
     """The gin entry point: `tiny=True` swaps in the random tiny model and synthetic data.
 
-    `trainer` replaces the policy loop (same arguments), e.g. `@train_reward_model`.
+    `trainer` replaces the default (same arguments), e.g. `@train_iterative`. By default the
+    objective's declared inputs choose: reward inputs train a reward model
+    (`@train_reward_model`), the others a policy (`loop.train`).
     """
     if tiny:
         lora = model.lora and dataclasses.replace(model.lora, rank=2)
         model = dataclasses.replace(model, source="tiny", lora=lora)
         data = dataclasses.replace(data, source="tiny", batch_size=min(data.batch_size, 4))
     write_operative(loop.output_dir)
-    return (trainer or loop_train)(model, data, algo, optim, loop)
+    return (trainer or default_trainer(algo))(model, data, algo, optim, loop)
+
+
+def default_trainer(algo):
+    """The task an objective trains by default, from its declaration."""
+    reward = algo.objective().info.inputs == "reward"
+    return reward_model.train if reward else loop_train
 
 
 loop_train = loop.train

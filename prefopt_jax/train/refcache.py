@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from prefopt_jax import data as data_lib
 from prefopt_jax.data.tokenized import offsets_of, save_npz_atomic
-from prefopt_jax.train import logps as logps_lib
+from prefopt_jax.scoring import logps as logps_lib
 
 VERSION = "2"  # 2: one file for all hosts, with example_index
 

@@ -78,6 +78,17 @@ class Reference:
         """Reference Params to keep in the state (None when the kind keeps none)."""
         return _copy(policy) if self.kind in ("frozen", "previous") else None
 
+    def params(self, state) -> Any:
+        """The reference's full Params in the state (kinds frozen, previous, lora), else None."""
+        if self.kind == "lora":
+            return state.base
+        return state.ref if self.kind in ("frozen", "previous") else None
+
+    @property
+    def has_params(self) -> bool:
+        """Whether the step can run the reference model (not only read cached log-probs)."""
+        return self.kind in ("frozen", "previous", "lora")
+
     def logps(self, forward: Callable[[Any], jax.Array], state, batch) -> jax.Array | None:
         """Reference log-probs `[Q, C]` (no gradient) or None when reference-free.
 
@@ -90,8 +101,7 @@ class Reference:
                 raise ValueError("the precomputed reference reads the batch's cached 'ref_logps'; "
                                  "this batch has none (sequences built inside the step?)")
             return batch["ref_logps"].astype(jnp.float32)
-        params = state.base if self.kind == "lora" else state.ref
-        return jax.lax.stop_gradient(forward(jax.lax.stop_gradient(params)))
+        return jax.lax.stop_gradient(forward(jax.lax.stop_gradient(self.params(state))))
 
     def after_step(self, state, policy: Any):
         """The state after an optimiser step: the soft TR-DPO update when it is due."""

@@ -36,6 +36,9 @@ class TrainState:
       opt_state: optax state (float32 when `fp32_state`).
       loss_state: state of stateful objectives (bco running mean), else None.
       rng: PRNG key for stochastic objectives; split every step.
+      frozen: Params of frozen models an objective reads (`{"teacher": ..., "teacher_ref":
+        ...}`: a DPO teacher and its reference), else None.
+      aux: arrays a task keeps across steps and checkpoints (APO's previous iterate), else None.
     """
 
     step: jax.Array
@@ -46,6 +49,8 @@ class TrainState:
     opt_state: Any
     loss_state: Any
     rng: jax.Array
+    frozen: Any = None
+    aux: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,26 +60,40 @@ class StepSetup:
     Attributes:
       graphdef: the model's nnx graph definition.
       tx: the optax transformation.
-      loss_fn: the registered objective.
-      loss_kind: "pairwise", "unpaired" or "listwise" (how [Q, C] log-probs become inputs).
-      hyper: the objective's hyperparameters as sorted (name, value) pairs.
+      objective: the composed objective (`losses.Objective`: function, hyper-parameters and
+        declaration); `objective(inputs, state)` computes it.
       reference: the reference strategy (see `train.reference`).
       lora: LoRA config when training adapters, else None.
       logps_chunk: positions projected to the vocabulary at a time.
       fp32_state: optimiser state and updates in float32 whatever the params' dtype.
-      mismatched: score mismatched completions for the loss (KTO's z0; `LossInfo`).
+      teacher_beta: the DPO teacher's beta (token rewards `b (log pi_dpo - log pi_ref)`).
+      teacher_graphdef: the teacher's graph definition (it may differ from the policy's).
     """
 
     graphdef: Any
     tx: Any
-    loss_fn: Any
-    loss_kind: str
-    hyper: tuple
+    objective: Any
     reference: Any
     lora: lora_lib.LoraConfig | None = None
     logps_chunk: int = 512
     fp32_state: bool = True
-    mismatched: bool = False
+    teacher_beta: float = 0.1
+    teacher_graphdef: Any = None
+
+    @property
+    def loss_kind(self) -> str:
+        """The inputs type the objective reads (`losses.INPUTS`)."""
+        return self.objective.info.inputs
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the step supplies beyond policy and reference log-probs (`losses.NEEDS`)."""
+        return self.objective.info.needs
+
+    @property
+    def mismatched(self) -> bool:
+        """Score mismatched completions for the loss (KTO's z0)."""
+        return "mismatched" in self.needs
 
 
 def to_f32(tree):

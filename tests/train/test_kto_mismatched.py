@@ -19,7 +19,7 @@ from prefopt_jax.models import lora as lora_lib
 from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.models.transformer import Transformer
 from prefopt_jax.train import build, optim, step as step_lib, tiny
-from prefopt_jax.train import logps as logps_lib
+from prefopt_jax.scoring import logps as logps_lib
 from prefopt_jax.train.reference import ReferenceConfig
 from prefopt_jax.train.state import policy_params
 
@@ -178,15 +178,15 @@ def test_explicit_z0_scores_no_mismatched_rows_and_is_not_coupled():
     assert not build.make_setup(graphdef, fixed, OPT).mismatched
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build.check_accumulation("kto", 2, fixed.hyper)
-    with pytest.warns(UserWarning, match="per micro-batch.*'z0'"):
-        build.check_accumulation("kto", 2)
+        build.check_accumulation(fixed.objective(), 2)
+    with pytest.warns(UserWarning, match="per micro-batch.*z0"):
+        build.check_accumulation(build.AlgoConfig("kto").objective(), 2)
 
 
 def test_precomputed_reference_cannot_score_mismatched_rows():
     graphdef = nnx.split(Transformer(tiny.CONFIG, rngs=nnx.Rngs(0)))[0]
     cached = ReferenceConfig(kind="precomputed")
-    with pytest.raises(ValueError, match="mismatched completions.*'z0'"):
+    with pytest.raises(ValueError, match="mismatched completions.*z0"):
         build.make_setup(graphdef, build.AlgoConfig("kto", (), cached), OPT)
     assert not build.make_setup(graphdef, build.AlgoConfig("kto", {"z0": 0.0}, cached),
                                 OPT).mismatched

@@ -9,7 +9,7 @@ from flax import nnx
 from prefopt_jax import losses
 from prefopt_jax.models.transformer import Transformer
 from prefopt_jax.models import lora as lora_lib
-from prefopt_jax.train import logps as logps_lib
+from prefopt_jax.scoring import logps as logps_lib
 from prefopt_jax.train import tiny
 
 

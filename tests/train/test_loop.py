@@ -16,9 +16,10 @@ import pytest
 from flax import nnx
 
 from prefopt_jax.models.lora import LoraConfig
-from prefopt_jax.train import build, loop, optim, refcache
+from prefopt_jax.train import build, driver, loop, optim, refcache
 from prefopt_jax.train.reference import ReferenceConfig
 from prefopt_jax.train.state import policy_params
+from prefopt_jax.data.synthetic import tiny_data
 
 OPT = optim.OptimConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0)
 MODEL = loop.ModelSpec(overrides={"num_layers": 1})
@@ -87,10 +88,10 @@ def test_soft_update_every_step_with_alpha_1_is_a_refresh(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_examples_and_checkpoint(tmp_path, monkeypatch):
-    means = loop.means
+    means = driver.means
     poisoned = lambda m: {**means(m), "loss": float("nan")} if records_len(tmp_path) == 2 \
         else means(m)  # noqa: E731
-    monkeypatch.setattr(loop, "means", poisoned)
+    monkeypatch.setattr(driver, "means", poisoned)
     config = loop.LoopConfig(steps=4, output_dir=str(tmp_path), checkpoint_every=1,
                              export=False)
     with pytest.raises(FloatingPointError) as err:
@@ -152,7 +153,7 @@ def test_reference_cache_is_keyed_by_data_and_weights(tmp_path, monkeypatch):
                         lambda *a, **k: calls.append(1) or evaluate(*a, **k))
     model, _ = loop.load_model(MODEL)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    data = loop.tiny_data(8, 0, model.config.vocab_size, unpaired=False)
+    data = tiny_data("paired", 8, 0, model.config.vocab_size)
     layout = loop.data_lib.LayoutConfig(kind="padded")
 
     def cached(d, p):
@@ -162,7 +163,7 @@ def test_reference_cache_is_keyed_by_data_and_weights(tmp_path, monkeypatch):
     again = cached(data, params)
     assert len(calls) == 1
     np.testing.assert_array_equal(first.values_t, again.values_t)
-    cached(loop.tiny_data(8, 1, model.config.vocab_size, unpaired=False), params)
+    cached(tiny_data("paired", 8, 1, model.config.vocab_size), params)
     assert len(calls) == 2, "other data must miss the cache"
     cached(data, jax.tree.map(lambda x: x * 1.01, params))
     assert len(calls) == 3, "other reference weights must miss the cache"

@@ -35,7 +35,8 @@ def command(out_dir, *extra, steps=STEPS):
 
 
 def env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                                       "--xla_backend_optimization_level=0",
             "JAX_PLATFORMS": "cpu"}
 
 

@@ -142,15 +142,16 @@ def test_remat_policy_gives_the_same_losses_and_updates():
 
 
 def test_batch_coupled_objectives_under_accumulation():
-    build.check_accumulation("aot", 1)
-    build.check_accumulation("dpo", 4)
+    objective = lambda name: build.AlgoConfig(name).objective()  # noqa: E731
+    build.check_accumulation(objective("aot"), 1)
+    build.check_accumulation(objective("dpo"), 4)
     with pytest.raises(ValueError, match="sorts over the global batch"):
-        build.check_accumulation("aot", 2)
+        build.check_accumulation(objective("aot"), 2)
     with pytest.warns(UserWarning, match="per micro-batch"):
-        build.check_accumulation("bco_pair", 2)
+        build.check_accumulation(objective("bco_pair"), 2)
 
 
-@pytest.mark.parametrize("loss,kind,match", [("grpo", "frozen", "rollout inputs"),
+@pytest.mark.parametrize("loss,kind,match", [("grpo", "frozen", "online RL loop"),
                                              ("dpo", "none", "needs a reference")])
 def test_untrainable_choices_fail_before_any_compute(loss, kind, match):
     graphdef = nnx.split(Transformer(tiny.CONFIG, rngs=nnx.Rngs(0)))[0]
