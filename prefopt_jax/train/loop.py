@@ -141,10 +141,10 @@ class PolicyTask(driver.LoaderTask):
                  optim_config: optim.OptimConfig, loop: LoopConfig):
         self.data_spec, self.loop, self.algo = data_spec, loop, algo
         self.micro_batches = data_spec.micro_batches
+        build.check_needs(algo.objective(), algo, model_spec.lora)  # before loading any model
         model, self.tokenizer = load_model(model_spec)
         self.mesh = sharding_lib.make_mesh(loop.mesh_shape)
         graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
-        build.check_needs(algo.objective(), algo, model_spec.lora)  # before loading teachers
         teachers, teacher_graphdef = build.load_teachers(algo, model_spec,
                                                          model.config.vocab_size)
         self.setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora,
