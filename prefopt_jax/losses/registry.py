@@ -92,19 +92,6 @@ class LossInfo:
     paper: str = ""
     token_terms: Callable | None = None
 
-    @property
-    def kind(self) -> str:
-        """The inputs type (an alias kept for readers of the step)."""
-        return self.inputs
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.reference
-
-    @property
-    def batch_coupled(self) -> bool:
-        return self.effective_coupling() != "none"
-
     def effective_coupling(self, hyper=()) -> str:
         """The declared coupling, raised by needs that couple the batch (while not waived)."""
         found = [self.coupling] + [COUPLING_OF_NEEDS[n] for n in self.active_needs(hyper)
@@ -116,15 +103,6 @@ class LossInfo:
         hyper = dict(hyper)
         waived = {need for need, key in self.waived_by if hyper.get(key) is not None}
         return tuple(n for n in self.needs if n not in waived)
-
-    def needs_mismatched(self, hyper=()) -> bool:
-        """Whether, with these hyper-parameters, the engine must score mismatched completions."""
-        return "mismatched" in self.active_needs(hyper)
-
-    @property
-    def mismatched_unless(self) -> str | None:
-        """The hyper-parameter that replaces mismatched completions, if any."""
-        return dict(self.waived_by).get("mismatched")
 
 
 def register(name: str, *, inputs: str, reference: bool, coupling: str = "none",
