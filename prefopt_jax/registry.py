@@ -15,6 +15,7 @@ import re
 import gin
 
 from prefopt_jax.data import LayoutConfig
+from prefopt_jax.errors import UserError
 from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.models.spec import ModelSpec
@@ -104,7 +105,7 @@ def close_names(error: str) -> list[str]:
     return list(dict.fromkeys(guesses))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An unknown configurable or binding: gin's message plus the close registered names."""
 
 

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(ROOT, "prefopt_jax")
 
 # Room of each top-level module or package of prefopt_jax (DESIGN.md, "Rule of the road").
 ROOMS = {
-    "hostmem": 0,
+    "hostmem": 0, "errors": 0,
     "losses": 1, "models": 1, "tokenmdp": 1,
     "data": 2,
     "scoring": 3,

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from prefopt_jax.data.report import DataReport
+from prefopt_jax.errors import UserError
 
 FORMATS = {
     "triple": ("prompt", "gold", "chosen", "rejected"),
@@ -53,7 +54,7 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 DETECT_ROWS = 256
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad input row: names the row index (in the whole source) and the field."""
 
     def __init__(self, row: int, field: str | None, reason: str):

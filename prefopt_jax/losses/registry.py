@@ -23,6 +23,8 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
+from prefopt_jax.errors import UserError
+
 _REGISTRY: dict[str, Callable] = {}
 _INFO: dict[str, "LossInfo"] = {}
 
@@ -56,14 +58,14 @@ COUPLINGS = ("none", "batch", "sort")
 COUPLING_OF_NEEDS = {"mismatched": "batch"}
 
 
-class UnknownLossError(KeyError):
+class UnknownLossError(UserError, KeyError):
     """An objective name that is not registered; the message lists the known names."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(UserError, ValueError):
     """A user error in choosing or configuring an objective (name, hyper-parameter, need)."""
 
 

