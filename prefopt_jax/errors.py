@@ -17,6 +17,10 @@ class UserError(Exception):
     """A mistake in the user's input, reported as its message alone (exit status 2)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (an unknown name, a bad combination), naming the binding."""
+
+
 class RunDirError(UserError, RuntimeError):
     """An output directory that a run cannot use (held by another run, finished, unwritable)."""
 

@@ -15,7 +15,7 @@ import re
 import gin
 
 from prefopt_jax.data import LayoutConfig
-from prefopt_jax.errors import UserError
+from prefopt_jax.errors import ConfigError
 from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.models.spec import ModelSpec
@@ -105,8 +105,6 @@ def close_names(error: str) -> list[str]:
     return list(dict.fromkeys(guesses))
 
 
-class ConfigError(UserError, ValueError):
-    """An unknown configurable or binding: gin's message plus the close registered names."""
 
 
 def parse(files: list[str], bindings: list[str]) -> None:

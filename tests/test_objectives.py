@@ -58,6 +58,7 @@ def assert_trained(out, records):
 @pytest.fixture(autouse=True)
 def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PREFOPT_DEBUG", "1")  # user errors raise (the CLI would print them)
 
 
 def test_every_objective_has_its_config_and_nothing_else():
@@ -66,8 +67,12 @@ def test_every_objective_has_its_config_and_nothing_else():
 
 
 @pytest.mark.parametrize("name", TRAINED)
-def test_objective_trains_from_its_config(name, tmp_path):
+def test_objective_trains_from_its_config(name, tmp_path, capsys):
     assert_trained(tmp_path, train(tmp_path, f"configs/algos/{name}.gin"))
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert len(progress) == 2 and not any("nan" in ln for ln in progress), progress
+    if losses.info(name).inputs == "unpaired":  # no pairs: rewards of each label instead
+        assert all(" desirable " in ln and " undesirable " in ln for ln in progress), progress
 
 
 @pytest.mark.parametrize("modifier", MODIFIERS)

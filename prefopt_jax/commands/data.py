@@ -14,7 +14,9 @@ SHOWN_CHARS = 160
 
 def register(subparsers) -> None:
     """Adds the `data` command and its `inspect` sub-command."""
-    data = subparsers.add_parser("data", help="inspect preference datasets")
+    data = subparsers.add_parser(
+        "data", help="inspect preference datasets",
+        epilog="example: prefopt data inspect my_prefs.jsonl --model smollm2-135m-instruct")
     sub = data.add_subparsers(dest="data_command", required=True)
     p = sub.add_parser(
         "inspect", help="format, lengths, truncation and padding per layout of a dataset",

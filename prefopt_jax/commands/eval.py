@@ -7,6 +7,8 @@
     prefopt eval implicit-vs-explicit --policy P --ref R --rm DIR --data heldout.jsonl \\
         [--shifted other.jsonl] [--beta 0.1] [--out result.json]
         implicit (b D) and explicit reward-model accuracy on the same pairs.
+
+Example: prefopt eval configs/experiments/eval_dpo_tiny.gin --gin.LoopConfig.output_dir="'runs/x'"
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     """Adds the `generate` sub-command."""
     p = subparsers.add_parser(
         "generate", help="sample replies from a model, chat template applied",
+        epilog="example: prefopt generate --model runs/mine/export --prompt \"Hi!\" "
+               "--temperature 0.7 --top-p 0.9",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="built-in name, Hugging Face model directory, or .gguf file")

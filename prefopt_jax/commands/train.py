@@ -8,8 +8,16 @@ import os
 
 def register(subparsers) -> None:
     """Adds the `train` sub-command."""
-    p = subparsers.add_parser("train", help="train a policy from a gin config")
-    p.add_argument("config", nargs="+", help="gin files (later files override earlier ones)")
+    p = subparsers.add_parser(
+        "train", help="train a policy (or a reward model) from gin configs",
+        description="Train from gin config files; later files and --gin.NAME=VALUE overrides "
+                    "win over earlier ones. Every objective name, hyper-parameter and data or "
+                    "model path is checked before a model loads. Started again in its "
+                    "LoopConfig.output_dir, a run resumes from its newest intact checkpoint.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="+", help="gin files (later files override earlier ones); "
+                   "then any number of --gin.NAME=VALUE overrides, e.g. "
+                   "--gin.LoopConfig.steps=50")
     p.add_argument("--coordinator", default=os.environ.get("PREFOPT_COORDINATOR"),
                    help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int,
@@ -21,6 +29,17 @@ def register(subparsers) -> None:
                    help="e.g. gloo, for multi-process runs on CPU")
     p.set_defaults(func=run)
     accept_gin_flags(p)
+
+
+EXAMPLES = """examples:
+  prefopt train configs/experiments/tiny.gin configs/algos/simpo.gin
+      SimPO on the tiny random model, in seconds
+  prefopt train configs/experiments/dpo_smollm2_lora.gin --gin.DATA_PATH="'my_prefs.jsonl'" \\
+      --gin.LoopConfig.steps=100 --gin.LoopConfig.output_dir="'runs/mine'"
+      DPO with LoRA on SmolLM2 on your own TRL-format preference file
+  --gin.AlgoConfig.loss="'ipo'"   switch the objective (it takes its own defaults)
+  --gin.LoopConfig.overwrite=True train a finished run again from step 0
+"""
 
 
 def accept_gin_flags(parser) -> None:

@@ -21,7 +21,7 @@ agrees on one shape per step with the max of `peek_shape()` over hosts, passed a
 from prefopt_jax.data.formats import FORMATS, DataError, FormatSpec, Record, detect_format
 from prefopt_jax.data.layout import LAYOUTS, LayoutConfig, Shape, make_batch, padding_fraction
 from prefopt_jax.data.loader import Loader
-from prefopt_jax.data.pipeline import DataConfig, prepare
+from prefopt_jax.data.pipeline import DataConfig, check_source, prepare
 from prefopt_jax.data.report import DataReport
 from prefopt_jax.data.sources import open_source, shard_range
 from prefopt_jax.data.tokenize import TokenizeConfig
@@ -40,7 +40,8 @@ def make_loader(source, tokenizer, config: DataConfig = DataConfig(), *, batch_s
 
 __all__ = [
     "FORMATS", "LAYOUTS", "DataConfig", "DataError", "DataReport", "FormatSpec", "LayoutConfig",
-    "Loader", "Record", "Shape", "TokenizeConfig", "TokenizedData", "detect_format",
+    "Loader", "Record", "Shape", "TokenizeConfig", "TokenizedData", "check_source",
+    "detect_format",
     "load_tokenizer", "make_batch", "make_loader", "open_source", "padding_fraction", "prepare",
     "shard_range",
 ]

@@ -57,10 +57,14 @@ DETECT_ROWS = 256
 class DataError(UserError, ValueError):
     """A bad input row: names the row index (in the whole source) and the field."""
 
-    def __init__(self, row: int, field: str | None, reason: str):
+    def __init__(self, row: int, field: str | None, reason: str, where: str | None = None):
         self.row, self.field, self.reason = row, field, reason
-        where = f"row {row}" + (f", field '{field}'" if field else "")
+        where = (where or f"row {row}") + (f", field '{field}'" if field else "")
         super().__init__(f"{where}: {reason}")
+
+    def located(self, source) -> DataError:
+        """The same error naming the source and where the row is in it (a file's line)."""
+        return DataError(self.row, self.field, self.reason, where=source.location(self.row))
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from prefopt_jax.data.report import DataReport
 from prefopt_jax.data.sources import open_source, shard_range
 from prefopt_jax.data.tokenize import TokenizeConfig, tokenize_records, tokenizer_fingerprint
 from prefopt_jax.data.tokenized import TokenizedData
+from prefopt_jax.errors import DataSourceError
 
 CACHE_VERSION = 1
 CHUNK_ROWS = 10_000
@@ -75,14 +76,34 @@ def format_spec(source, config: DataConfig) -> formats.FormatSpec:
     """The format of a source: as configured, or detected from its first rows."""
     head = source.rows(0, min(len(source), formats.DETECT_ROWS))
     if not head:
-        raise ValueError(f"{source.name}: no rows")
+        raise DataSourceError(f"{source.name}: no rows")
     fmt = config.format or formats.detect_format(head)
     if fmt not in formats.FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {list(formats.FORMATS)}")
+        raise DataSourceError(f"{source.name}: unknown format {fmt!r}; expected one of "
+                              f"{list(formats.FORMATS)}")
     if config.ranked not in formats.RANKED_MODES:
-        raise ValueError(f"unknown ranked mode {config.ranked!r}; expected {formats.RANKED_MODES}")
+        raise DataSourceError(f"unknown ranked mode {config.ranked!r}; expected "
+                              f"{formats.RANKED_MODES}")
     return formats.FormatSpec(fmt, formats.detect_conversational(head, fmt), config.ranked,
                               config.list_size, config.seed)
+
+
+def check_source(source, config: DataConfig = DataConfig()) -> str:
+    """Opens a source and validates its first rows, before any model loads (no tokenizer).
+
+    A missing file, an unknown format or a bad row among the first `formats.DETECT_ROWS` fails
+    here naming the file and line; the rest is validated as it is tokenised. Returns the format.
+    """
+    src = open_source(source, config.split)
+    try:
+        spec = format_spec(src, config)
+        report = DataReport(source=src.name, rows=(0, len(src), len(src)), format=spec.format,
+                            conversational=spec.conversational, kind=spec.kind)
+        formats.normalize(src.rows(0, min(len(src), formats.DETECT_ROWS)), spec, report,
+                          skip_bad_rows=config.skip_bad_rows)
+    except formats.DataError as err:
+        raise err.located(src) from None
+    return spec.format
 
 
 def cache_key(fingerprint: str, rows: tuple[int, int], config: DataConfig, tokenizer) -> str:
@@ -110,7 +131,10 @@ def prepare(source, tokenizer, config: DataConfig = DataConfig(), process_index:
     if path is not None and os.path.exists(path):
         data, report = load_cached(path)
     else:
-        data, report = build(src, start, stop, tokenizer, config)
+        try:
+            data, report = build(src, start, stop, tokenizer, config)
+        except formats.DataError as err:
+            raise err.located(src) from None
         if path is not None:
             data.save(path, extra={"report": np.array(report.to_json())})
     log.info("%s", report.summary())

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from prefopt_jax.data.formats import DataError
+from prefopt_jax.errors import DataSourceError
 
 HF_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -30,6 +31,11 @@ class Source:
     def rows(self, start: int, stop: int) -> list[dict]:
         """Rows [start, stop) as dicts."""
         raise NotImplementedError
+
+    def location(self, row: int) -> str:
+        """Where row `row` (counted from 0, as datasets index) is, in words a user can find
+        it by: a file's line number where there is one."""
+        return f"{self.name} row {row}"
 
 
 class ListSource(Source):
@@ -55,7 +61,9 @@ class JsonSource(Source):
             raw = f.read()
         self.name, self.fingerprint = path, hashlib.sha256(raw).hexdigest()[:16]
         if path.endswith(".jsonl"):
-            self._lines, self._rows = [ln for ln in raw.splitlines() if ln.strip()], None
+            numbered = [(n, ln) for n, ln in enumerate(raw.splitlines(), 1) if ln.strip()]
+            self._line_numbers = [n for n, _ in numbered]
+            self._lines, self._rows = [ln for _, ln in numbered], None
         else:
             self._lines, self._rows = None, json_rows(json.loads(raw), path)
 
@@ -70,8 +78,13 @@ class JsonSource(Source):
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(i, None, f"invalid JSON in {self.name}: {err}") from None
+                raise DataError(i, None, f"invalid JSON: {err}", where=self.location(i)) from None
         return out
+
+    def location(self, row: int) -> str:
+        if self._rows is None and 0 <= row < len(self._line_numbers):
+            return f"{self.name} line {self._line_numbers[row]}"
+        return super().location(row)
 
 
 def json_rows(data: Any, path: str) -> list:
@@ -82,7 +95,8 @@ def json_rows(data: Any, path: str) -> list:
         lengths = {len(v) for v in data.values()}
         if len(lengths) == 1:
             return [dict(zip(data, values)) for values in zip(*data.values())]
-    raise ValueError(f"{path}: expected a JSON list of rows or a dict of equal-length columns")
+    raise DataSourceError(f"{path}: expected a JSON list of rows or a dict of equal-length "
+                          "columns")
 
 
 class HFSource(Source):
@@ -154,12 +168,14 @@ def open_source(source: Any, split: str = "train") -> Source:
     source = os.fspath(source)
     if source.startswith("tfds:"):
         return TFDSSource(source, split)
+    if not os.path.exists(source) and looks_local(source):
+        raise DataSourceError(f"data source {source}: no such file or directory")
     if os.path.isfile(source):
         ext = os.path.splitext(source)[1]
         if ext in (".json", ".jsonl"):
             return JsonSource(source)
         if ext not in HF_FILE_BUILDERS:
-            raise ValueError(f"{source}: unknown file type {ext!r}; expected .json, .jsonl, "
+            raise DataSourceError(f"{source}: unknown file type {ext!r}; expected .json, .jsonl, "
                              f"{', '.join(HF_FILE_BUILDERS)}")
         import datasets
         return hf_dataset(datasets.load_dataset(HF_FILE_BUILDERS[ext], data_files=source,
@@ -168,7 +184,20 @@ def open_source(source: Any, split: str = "train") -> Source:
     if os.path.isdir(source) and is_saved_dataset(source):
         return hf_dataset(datasets.load_from_disk(source), split, source)
     # A folder of data files or a hub name: the hub is only reached for the latter.
-    return hf_dataset(datasets.load_dataset(source, split=split), split, source)
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataSourceError(f"data source {source}: not a local file or folder, and the "
+                              f"datasets library could not load it as a dataset name: "
+                              f"{first}") from err
+    return hf_dataset(dataset, split, source)
+
+
+def looks_local(source: str) -> bool:
+    """Whether a source string is meant as a local path (not a hub dataset name)."""
+    return (os.path.splitext(source)[1] in (".json", ".jsonl", *HF_FILE_BUILDERS)
+            or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1)
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -181,7 +210,7 @@ def hf_dataset(dataset, split: str, name: str) -> HFSource:
     """Wraps a datasets.Dataset, picking split from a DatasetDict."""
     if isinstance(dataset.column_names, dict):
         if split not in dataset:
-            raise KeyError(f"{name}: no split {split!r} (has {', '.join(dataset)})")
+            raise DataSourceError(f"{name}: no split {split!r} (has {', '.join(dataset)})")
         dataset = dataset[split]
     return HFSource(dataset, f"{name}:{split}")
 

@@ -25,7 +25,7 @@ exported like any run's.
   training from where they stopped. The base then is no longer the initial model, so APO under
   LoRA refuses reference kind `lora` (base as reference).
 - Optimiser: each round starts from a fresh optimiser state, so the learning-rate schedule
-  restarts and spans `OptimConfig.total_steps` (set it to `steps_per_iteration`), as in the
+  restarts and spans `OptimConfig.total_steps` (unset: `steps_per_iteration`), as in the
   iterative DPO and SPPO recipes; `reset_optimizer=False` carries moments and schedule over.
   `TrainState.step` counts all steps of the run either way.
 """
@@ -159,6 +159,10 @@ def next_round(setup, state, config: IterativeConfig):
 
 def check_run(algo, config: IterativeConfig, lora) -> None:
     """Refuse settings the loop cannot honour."""
+    if config.reference == "previous" and algo.reference.kind == "auto":
+        algo = dataclasses.replace(algo, reference=dataclasses.replace(algo.reference,
+                                                                       kind="previous"))
+    algo = algo.resolved(lora)
     if config.reference == "previous" and algo.reference.kind not in ("frozen", "previous"):
         raise ValueError("a previous-iterate reference is kept in the state: use "
                          f"ReferenceConfig.kind 'previous' (got {algo.reference.kind!r})")
@@ -199,6 +203,11 @@ class IterativeTask(loop_lib.PolicyTask):
         self.config, self.scorer_spec, self.aggregate = iterative, scorer, aggregate
         self.prompts, self.callback, self.round, self.round_info = prompts, callback, 0, {}
         super().__init__(model_spec, data_spec, algo, optim_config, loop)
+
+    def schedule_steps(self) -> tuple[int, str]:
+        if self.config.reset_optimizer:  # each round restarts the schedule
+            return self.config.steps_per_iteration, "IterativeConfig.steps_per_iteration"
+        return super().schedule_steps()
 
     def first_loader(self, model, vocab_size: int) -> data_lib.Loader:
         """Round 0's pairs: saved by an earlier start of this run, or sampled from `model`."""

@@ -8,6 +8,7 @@ batch shape it first sees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -60,8 +61,11 @@ class AlgoConfig:
 
     Attributes:
       loss: a registry name (default dpo), or unset when `mix` is given.
-      hyper: its hyper-parameters, checked against its signature.
-      reference: the reference model (`ReferenceConfig`).
+      hyper: its hyper-parameters, checked against its signature; or keyed by objective,
+        `{'dpo': {'beta': 0.1}, 'simpo': {...}}` (what configs/algos/*.gin write): the entry of
+        the objective named is used, and an objective without an entry gets its defaults, so
+        switching `loss` never carries another objective's values over.
+      reference: the reference model (`ReferenceConfig`; kind 'auto' resolves per run).
       mix: a weighted sum, `[(name, weight), (name, weight, {hyper}), ...]` (MPO:
         `[('dpo', 0.8), ('bco_pair', 0.2), ('sft', 1.0)]`).
       modifiers: `[(name, {params}), ...]` applied in order: f_divergence, wpo, ld_dpo,
@@ -82,7 +86,10 @@ class AlgoConfig:
     margins: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "hyper", tuple(sorted(dict(self.hyper).items())))
+        hyper = dict(self.hyper)
+        if keyed_by_objective(hyper):
+            hyper = {k: tuple(sorted(dict(v).items())) for k, v in hyper.items()}
+        object.__setattr__(self, "hyper", tuple(sorted(hyper.items())))
         object.__setattr__(self, "mix", _pairs(self.mix))
         object.__setattr__(self, "modifiers", _pairs(self.modifiers))
         object.__setattr__(self, "margins", tuple(self.margins))
@@ -100,13 +107,55 @@ class AlgoConfig:
                 f"objective {self.name!r} trains on rollouts sampled from the policy: it runs in "
                 "the online RL loop, which `prefopt train` does not have yet (preference "
                 "objectives train from configs/algos/*.gin)")
-        return losses.compose(self.loss, self.hyper,
+        return losses.compose(self.loss, self.own_hyper(),
                               [(n, w, dict(h[0]) if h else {}) for n, w, *h in self.mix],
                               [(n, dict(*p)) for n, *p in self.modifiers])
 
 
+    def own_hyper(self) -> tuple:
+        """The hyper-parameters of the objective named (from a keyed `hyper`, its entry)."""
+        hyper = dict(self.hyper)
+        if not (hyper and keyed_by_objective(hyper)):
+            return self.hyper
+        unknown = sorted(set(hyper) - set(losses.names()))
+        if unknown:
+            raise ObjectiveError(f"AlgoConfig.hyper has entries for unknown objectives "
+                                 f"{unknown}; known: {', '.join(losses.names())}")
+        if self.name not in hyper:
+            note(f"AlgoConfig.hyper has entries for {', '.join(sorted(hyper))}, not "
+                 f"{self.name!r}: {self.name} uses its defaults")
+        return tuple(hyper.get(self.name, ()))
+
+    def resolved(self, lora) -> AlgoConfig:
+        """This config with reference kind 'auto' made concrete for a run (LoRA or not)."""
+        if self.reference.kind != "auto":
+            return self
+        kind = ("none" if not self.objective().info.reference
+                else "lora" if lora is not None else "frozen")
+        return dataclasses.replace(self, reference=dataclasses.replace(self.reference, kind=kind))
+
+
+def keyed_by_objective(hyper: dict) -> bool:
+    """Whether a hyper dict is keyed by objective name (every value a dict of parameters)."""
+    return bool(hyper) and all(isinstance(v, (dict, tuple)) and not isinstance(k, tuple)
+                               and _is_param_table(v) for k, v in hyper.items())
+
+
+def _is_param_table(value) -> bool:
+    if isinstance(value, dict):
+        return True
+    return all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value)
+
+
+@functools.cache
+def note(text: str) -> None:
+    """Print a configuration note once per process."""
+    print(f"note: {text}", flush=True)
+
+
 def check_needs(objective: losses.Objective, algo: AlgoConfig, lora) -> None:
     """Refuse, before any compute, configs that cannot supply what the objective declares."""
+    algo = algo.resolved(lora)
     decl, ref = objective.info, reference.Reference(algo.reference)
     if decl.inputs == "reward":
         raise ObjectiveError(f"objective {objective.name!r} trains a reward model (reward "
@@ -149,6 +198,7 @@ def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                teacher_graphdef=None) -> StepSetup:
     """The static half of a step; a bad objective, hyper-parameter, modifier or unmet need
     fails here, before any compute, with an `ObjectiveError` naming it."""
+    algo = algo.resolved(lora)
     objective = algo.objective()
     check_needs(objective, algo, lora)
     return StepSetup(graphdef=graphdef, tx=optim.build_optimizer(optim_config),

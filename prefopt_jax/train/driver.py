@@ -20,14 +20,19 @@ Shape letters: `m` micro-batches, `r` rows, `l` row length.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
-from typing import Any, Protocol
+import socket
+import time
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
 
 from prefopt_jax import data as data_lib
+from prefopt_jax.errors import RunDirError
 from prefopt_jax.train.checkpoint import Checkpointer
 from prefopt_jax.train.metrics import MetricsWriter, means
 
@@ -137,10 +142,12 @@ def run(task: Task, steps: int, output_dir: str, *, checkpoint_every: int = 100,
     follows a finished run either way.
     """
     ckpt = Checkpointer(os.path.join(output_dir, "checkpoints"), keep_checkpoints)
-    first = ckpt.latest_step() or 0
+    restored = ckpt.restore_latest(task.abstract, task.state_sh)
+    first = 0 if restored is None else restored[0]
+    if restored is not None:
+        task.restore(*restored[1:])
     if first:
-        state, data_state = ckpt.restore(first, task.abstract, task.state_sh)
-        task.restore(state, data_state)
+        say(f"resuming from step {first} (checkpoint in {ckpt.directory})")
     writer = MetricsWriter(output_dir, steps, first)
     stop = Stop()
     values, tokens = {}, 0.0
@@ -168,7 +175,143 @@ def run(task: Task, steps: int, output_dir: str, *, checkpoint_every: int = 100,
         return values
     if export:
         task.export(output_dir)
-    return task.report(values)
+    values = task.report(values)
+    mark_finished(output_dir, steps, values)
+    outputs = ["metrics.jsonl", "checkpoints/"] + (["export/"] if export else [])
+    say(f"finished step {steps}; outputs in {os.path.abspath(output_dir)}: {', '.join(outputs)}")
+    return values
+
+
+# The run's output directory: held for the run's life, finished runs left alone.
+
+LOCK_FILE = ".prefopt.lock"
+FINISHED_FILE = "finished.json"
+# What `LoopConfig.overwrite` removes before a finished run is trained again.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "export", FINISHED_FILE)
+_held: dict[str, list] = {}  # absolute path -> [open lock file, claims]
+
+
+class RunDir:
+    """Holds a run's output directory for the run's life (process 0; a context manager).
+
+    An exclusive `flock` on `output_dir/.prefopt.lock` refuses a second run on the same
+    directory, naming the holder's pid and host, instead of letting both interleave their
+    logs and checkpoints. The lock dies with its process, so the record a killed run left is
+    taken over with a warning. Claims nest: the gin entry point and the run it starts hold the
+    directory once.
+    """
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.abspath(output_dir)
+        self.lock_path = os.path.join(self.path, LOCK_FILE)
+
+    def __enter__(self) -> RunDir:
+        if jax.process_index() != 0:
+            return self
+        if self.path in _held:
+            _held[self.path][1] += 1
+            return self
+        os.makedirs(self.path, exist_ok=True)
+        f = open(self.lock_path, "a+")
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(f)
+            f.close()
+            raise RunDirError(
+                f"{self.path} is in use by another run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
+                "to end or choose another LoopConfig.output_dir") from None
+        stale = self._holder(f)
+        if stale.get("pid") is not None:
+            print(f"warning: taking over {self.lock_path} from pid {stale['pid']} on "
+                  f"{stale.get('host', '?')}, which no longer holds it (a run that was killed)",
+                  flush=True)
+        f.seek(0)
+        f.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        f.flush()
+        _held[self.path] = [f, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        held = _held.get(self.path)
+        if jax.process_index() != 0 or held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            f = held[0]
+            f.seek(0)
+            f.truncate()  # a clean end leaves no holder to take over
+            f.close()
+            del _held[self.path]
+
+    @staticmethod
+    def _holder(f) -> dict:
+        f.seek(0)
+        try:
+            return json.loads(f.read() or "{}")
+        except json.JSONDecodeError:
+            return {}
+
+    def finished(self, steps: int) -> dict | None:
+        """The final metrics of a run that finished `steps` (or more) steps here, else None."""
+        try:
+            with open(os.path.join(self.path, FINISHED_FILE)) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+        return record.get("values", {}) if record.get("steps", -1) >= steps else None
+
+    def clear(self) -> None:
+        """Removes a finished run's outputs so it trains again from step 0 (process 0)."""
+        if jax.process_index() != 0:
+            return
+        for name in RUN_OUTPUTS:
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
+def mark_finished(output_dir: str, steps: int, values: dict) -> None:
+    """Records that a run finished `steps` steps (process 0; after its export and report)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(output_dir, FINISHED_FILE)
+    plain = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+    with open(path + ".tmp", "w") as f:
+        json.dump({"steps": steps, "values": plain}, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def run_config(make_task: Callable[[], Task], loop) -> dict:
+    """A configured run (`LoopConfig` `loop`): hold its directory, say where its outputs go,
+    leave a finished run alone (unless `loop.overwrite`), build the task and run it."""
+    with RunDir(loop.output_dir) as run_dir:
+        say(f"run directory: {run_dir.path}")
+        done = run_dir.finished(loop.steps)
+        if done is not None and not loop.overwrite:
+            say(f"this run finished {loop.steps} steps already; its outputs are unchanged "
+                f"(LoopConfig.overwrite=True trains it again from step 0)")
+            return done
+        if done is not None:
+            say("LoopConfig.overwrite=True: removing the finished run's checkpoints, metrics "
+                "and export, training again from step 0")
+            run_dir.clear()
+        sync("run directory: " + run_dir.path)
+        return run(make_task(), loop.steps, loop.output_dir,
+                   checkpoint_every=loop.checkpoint_every, keep_checkpoints=loop.keep_checkpoints,
+                   log_every=loop.log_every, export=loop.export)
+
+
+def say(text: str) -> None:
+    """A line on process 0's stdout."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
 
 
 # Host batches: every host loads its own slice; the step sees one global batch.

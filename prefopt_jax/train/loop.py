@@ -12,8 +12,10 @@ a pure function of its specs and the data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
+import gin
 import jax
 import numpy as np
 from flax import nnx
@@ -23,7 +25,7 @@ from prefopt_jax.data import synthetic
 from prefopt_jax.data.tokenized import as_kind
 from prefopt_jax.losses import ObjectiveError
 from prefopt_jax.models import sharding as sharding_lib
-from prefopt_jax.models.spec import ModelSpec, load_model
+from prefopt_jax.models.spec import ModelSpec, check_source, load_model
 from prefopt_jax.train import build, driver, margins, optim, refcache, reference
 from prefopt_jax.train import step as step_lib
 from prefopt_jax.train.state import policy_params
@@ -54,7 +56,12 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """Steps, seeds, outputs and checkpoints (`checkpoint_every=0`: only on SIGTERM)."""
+    """Steps, seeds, outputs and checkpoints (`checkpoint_every=0`: only on SIGTERM).
+
+    A run started again in its `output_dir` resumes from the newest intact checkpoint; a
+    finished one says so and leaves its outputs alone unless `overwrite`, which trains it again
+    from step 0.
+    """
 
     steps: int = 10
     seed: int = 0
@@ -64,6 +71,7 @@ class LoopConfig:
     log_every: int = 1
     logps_chunk: int = 512
     export: bool = True
+    overwrite: bool = False
     mesh_shape: tuple = (1, 1, 1)
     # Iterative methods: the reference becomes the policy every this many steps (0 = never).
     refresh_reference_every: int = 0
@@ -113,6 +121,27 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int, row_multi
                            num_epochs=None)
 
 
+def check_sources(model_spec: ModelSpec, data_spec: DataSpec) -> None:
+    """The model and the data exist and the data's first rows are valid: checked before any
+    model loads, so a typo in a path fails in a second, not after the model has loaded."""
+    check_source(model_spec)
+    if data_spec.source != "tiny":
+        data_lib.check_source(data_spec.source)
+
+
+def provenance(task) -> dict[str, str]:
+    """Files an export carries about its run: the operative gin config (when the run came from
+    gin) and `prefopt_run.json` naming the base model, the objective and the steps."""
+    record = {"base_model": task.model_spec.source, "lora": task.model_spec.lora is not None,
+              "objective": task.setup.objective.name, "steps": task.loop.steps,
+              "output_dir": os.path.abspath(task.loop.output_dir)}
+    files = {"prefopt_run.json": json.dumps(record, indent=1, sort_keys=True) + "\n"}
+    operative = gin.operative_config_str()
+    if operative.strip():
+        files["operative_config.gin"] = operative
+    return files
+
+
 def export(task, directory: str) -> str:
     """The policy (LoRA merged) in Hugging Face format, written by process 0.
 
@@ -125,7 +154,7 @@ def export(task, directory: str) -> str:
     model = nnx.merge(task.setup.graphdef, policy_params(task.setup, state),
                       driver.to_host(task.state.rest))
     if jax.process_index() == 0:
-        save_pretrained(model, directory, task.tokenizer)
+        save_pretrained(model, directory, task.tokenizer, extra_files=provenance(task))
     driver.sync("export: " + directory)
     return str(directory)
 
@@ -139,9 +168,12 @@ class PolicyTask(driver.LoaderTask):
 
     def __init__(self, model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
                  optim_config: optim.OptimConfig, loop: LoopConfig):
-        self.data_spec, self.loop, self.algo = data_spec, loop, algo
+        algo = algo.resolved(model_spec.lora)
+        self.model_spec, self.data_spec, self.loop, self.algo = model_spec, data_spec, loop, algo
+        optim_config = optim.for_run(optim_config, *self.schedule_steps())
         self.micro_batches = data_spec.micro_batches
         build.check_needs(algo.objective(), algo, model_spec.lora)  # before loading any model
+        check_sources(model_spec, data_spec)
         model, self.tokenizer = load_model(model_spec)
         self.mesh = sharding_lib.make_mesh(loop.mesh_shape)
         graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
@@ -164,6 +196,10 @@ class PolicyTask(driver.LoaderTask):
         self.state = self.place_aux(self.state)
         self.step_fn, self.state_sh, self.batch_sh = step_lib.compile_train_step(
             self.setup, self.abstract, probe, self.mesh)
+
+    def schedule_steps(self) -> tuple[int, str]:
+        """The optimiser steps one learning-rate schedule spans, and the setting that says so."""
+        return self.loop.steps, "LoopConfig.steps"
 
     def first_loader(self, model, vocab_size: int) -> data_lib.Loader:
         """The loader of the run's data (`DataSpec`), examples of the kind the objective reads."""
@@ -216,7 +252,5 @@ class PolicyTask(driver.LoaderTask):
 def train(model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
           optim_config: optim.OptimConfig, loop: LoopConfig, task_class=PolicyTask) -> dict:
     """Train (or resume) to `loop.steps`; returns the last step's metric means."""
-    task = task_class(model_spec, data_spec, algo, optim_config, loop)
-    return driver.run(task, loop.steps, loop.output_dir, checkpoint_every=loop.checkpoint_every,
-                      keep_checkpoints=loop.keep_checkpoints, log_every=loop.log_every,
-                      export=loop.export)
+    return driver.run_config(
+        lambda: task_class(model_spec, data_spec, algo, optim_config, loop), loop)

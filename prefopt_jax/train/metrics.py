@@ -52,6 +52,20 @@ def summary_writer_class():
     return SummaryWriter
 
 
+def quality(values: dict[str, float]) -> str:
+    """The progress line's measure of the objective's own kind, with a trailing space.
+
+    Pairwise and listwise objectives report reward accuracy; unpaired ones (KTO, BCO), which
+    have no pairs, the mean implicit reward of desirable and undesirable completions.
+    """
+    if "rewards/accuracy" in values:
+        return f"acc {values['rewards/accuracy']:.3f} "
+    if "rewards/chosen" in values and "rewards/rejected" in values:
+        return (f"reward desirable {values['rewards/chosen']:+.3f} "
+                f"undesirable {values['rewards/rejected']:+.3f} ")
+    return ""
+
+
 class MetricsWriter:
     """JSONL + TensorBoard + progress; a no-op on processes other than 0."""
 
@@ -84,8 +98,8 @@ class MetricsWriter:
         done = max(step - self.start, 1)
         eta = elapsed / done * (self.total_steps - step)
         line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
-                f"acc {values.get('rewards/accuracy', float('nan')):.3f} "
-                f"tokens {tokens:.0f} tok/s {tokens / elapsed:.0f} eta {eta:.0f}s")
+                f"{quality(values)}tokens {tokens:.0f} tok/s {tokens / elapsed:.0f} "
+                f"eta {eta:.0f}s")
         if self.active:
             print(line, flush=True)
         return line

@@ -23,7 +23,10 @@ class OptimConfig:
       learning_rate: peak learning rate.
       schedule: one of `SCHEDULES` (cosine, linear, constant), applied after warmup.
       warmup_steps: linear warmup from 0 to the peak.
-      total_steps: steps the schedule spans (decay reaches `end_lr_fraction * peak`).
+      total_steps: steps the schedule spans (decay reaches `end_lr_fraction * peak`); None:
+        the run's length (`LoopConfig.steps`; an iterative round's steps when each round
+        restarts the optimiser), or `DEFAULT_TOTAL_STEPS` outside a run. Set on purpose to
+        another length, the run warns once.
       end_lr_fraction: final learning rate as a fraction of the peak.
       weight_decay: decoupled weight decay (adamw, lion, adafactor).
       no_decay: parameters whose path contains one of these names get no weight decay.
@@ -36,7 +39,7 @@ class OptimConfig:
     learning_rate: float = 1e-5
     schedule: str = "cosine"
     warmup_steps: int = 0
-    total_steps: int = 1000
+    total_steps: int | None = None
     end_lr_fraction: float = 0.0
     weight_decay: float = 0.0
     no_decay: tuple[str, ...] = NO_DECAY_DEFAULT
@@ -45,6 +48,21 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     fp32_state: bool = True
+
+
+DEFAULT_TOTAL_STEPS = 1000
+
+
+def for_run(c: OptimConfig, steps: int, what: str = "LoopConfig.steps") -> OptimConfig:
+    """The config a run of `steps` optimiser steps uses: an unset schedule length follows it;
+    one set to another length is kept, with a warning (once per run)."""
+    if c.total_steps is None:
+        return dataclasses.replace(c, total_steps=steps)
+    if c.total_steps != steps and c.schedule != "constant":
+        print(f"warning: OptimConfig.total_steps={c.total_steps} but {what}={steps}: the "
+              f"{c.schedule} schedule spans {c.total_steps} steps (unset total_steps to follow "
+              f"{what})", flush=True)
+    return c
 
 
 def _cosine(c: OptimConfig, steps: int):
@@ -67,7 +85,8 @@ def schedule(c: OptimConfig) -> optax.Schedule:
     """Warmup (linear from 0) then the configured decay."""
     if c.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {c.schedule!r}; known: {sorted(SCHEDULES)}")
-    decay = SCHEDULES[c.schedule](c, c.total_steps - c.warmup_steps)
+    total = DEFAULT_TOTAL_STEPS if c.total_steps is None else c.total_steps
+    decay = SCHEDULES[c.schedule](c, total - c.warmup_steps)
     if c.warmup_steps <= 0:
         return decay
     warm = optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)

@@ -26,29 +26,33 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from prefopt_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
     """Which reference, and the TR-DPO soft update.
 
     Attributes:
-      kind: one of `KINDS`.
+      kind: one of `KINDS`, or 'auto' (the default): 'lora' under LoRA training, 'frozen'
+        otherwise, 'none' for an objective without a reference; chosen when a run is built.
       soft_update_every: apply `ref <- a * policy + (1 - a) * ref` every this many steps (0 = off).
       soft_update_alpha: the mixing weight `a`.
       cache_dir: where precomputed reference log-probs are cached (kind "precomputed").
     """
 
-    kind: str = "frozen"
+    kind: str = "auto"
     soft_update_every: int = 0
     soft_update_alpha: float = 0.5
     cache_dir: str = "runs/ref_cache"
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown reference kind {self.kind!r}; known: {sorted(KINDS)}")
-        if self.soft_update_every and self.kind not in ("frozen", "previous"):
-            raise ValueError("the soft TR-DPO update needs reference kind 'frozen' or 'previous', "
-                             f"not {self.kind!r}")
+        if self.kind not in KINDS and self.kind != "auto":
+            raise ConfigError(f"ReferenceConfig.kind: unknown reference kind {self.kind!r}; "
+                              f"known: auto, {', '.join(KINDS)}")
+        if self.soft_update_every and self.kind not in ("frozen", "previous", "auto"):
+            raise ConfigError("ReferenceConfig.soft_update_every: the soft TR-DPO update needs "
+                              f"reference kind 'frozen' or 'previous', not {self.kind!r}")
 
 
 def _copy(tree):

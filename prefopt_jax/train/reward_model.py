@@ -192,6 +192,14 @@ def heldout_data(source: str, tokenizer, max_length: int | None) -> data_lib.Tok
 def train(model_spec, data_spec, algo, optim_config, loop_config, *, heldout: str | None = None,
           init_scale: float = 0.1) -> dict:
     """Train a reward model from gin specs; save it and report held-out accuracy/calibration."""
+    return driver.run_config(lambda: reward_model_task(
+        model_spec, data_spec, algo, optim_config, loop_config, heldout, init_scale), loop_config)
+
+
+def reward_model_task(model_spec, data_spec, algo, optim_config, loop_config,
+                      heldout: str | None, init_scale: float) -> RewardModelTask:
+    """The task `train` runs: a new reward head on the model, the data, held-out pairs."""
+    loop_lib.check_sources(model_spec, data_spec)
     trunk, tokenizer = load_model(model_spec)
     rm = new_reward_model(trunk, init_scale, loop_config.seed + 2)
     mesh = sharding_lib.make_mesh(loop_config.mesh_shape)
@@ -202,11 +210,8 @@ def train(model_spec, data_spec, algo, optim_config, loop_config, *, heldout: st
     if heldout and data_spec.source != "tiny":
         held = {"data": heldout_data(heldout, tokenizer, data_spec.max_length),
                 "output_dir": loop_config.output_dir}
-    task = RewardModelTask(rm, loader, algo, optim_config, mesh=mesh, lora=model_spec.lora,
+    optim_config = optim.for_run(optim_config, loop_config.steps)
+    return RewardModelTask(rm, loader, algo, optim_config, mesh=mesh, lora=model_spec.lora,
                            micro_batches=data_spec.micro_batches, seed=loop_config.seed,
                            tokenizer=tokenizer, heldout=held)
-    return driver.run(task, loop_config.steps, loop_config.output_dir,
-                      checkpoint_every=loop_config.checkpoint_every,
-                      keep_checkpoints=loop_config.keep_checkpoints,
-                      log_every=loop_config.log_every, export=loop_config.export)
 

@@ -87,7 +87,7 @@ def test_row_index_is_global_on_a_second_host(tok):
 def test_invalid_json_line_names_the_row(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "a",\n')
-    with pytest.raises(DataError, match="row 1: invalid JSON"):
+    with pytest.raises(DataError, match="d.jsonl line 2: invalid JSON"):
         prepare(str(path), tok, DataConfig(cache_dir=None))
 
 

@@ -34,7 +34,7 @@ def test_inspect_reports_bad_rows(tmp_path, tok_dir, write_jsonl, capsys):
     rows[2]["chosen"] = rows[2]["rejected"]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert main(["data", "inspect", path, "--model", tok_dir, "--no-cache"]) == 1
-    assert "row 2, field 'rejected': chosen identical to rejected" in capsys.readouterr().out
+    assert "d.jsonl line 3, field 'rejected': chosen identical to rejected" in capsys.readouterr().out
     assert main(["data", "inspect", path, "--model", tok_dir, "--no-cache",
                  "--skip-bad-rows"]) == 0
     out = capsys.readouterr().out

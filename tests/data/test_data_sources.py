@@ -6,6 +6,8 @@ import types
 import numpy as np
 import pytest
 
+from prefopt_jax.errors import DataSourceError
+
 from prefopt_jax.data import DataConfig, open_source, prepare, shard_range
 from prefopt_jax.data.sources import ListSource
 
@@ -32,7 +34,7 @@ def test_dataset_objects_and_splits(tok, hf_cache):
     both = datasets.DatasetDict({"train": ds, "test": ds.select(range(4))})
     data, report = prepare(both, tok, DataConfig(cache_dir=None, split="test"))
     assert len(data) == 4 and report.source.endswith(":test")
-    with pytest.raises(KeyError, match="no split 'dev'"):
+    with pytest.raises(DataSourceError, match="no split 'dev'"):
         open_source(both, split="dev")
 
 

@@ -66,10 +66,14 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
               lambda: (killed / "checkpoints" / "2").exists()
               and lines(killed / "metrics.jsonl") >= 3)
     assert lines(killed / "metrics.jsonl") < steps
-    subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
-                   capture_output=True)
+    newest = max(int(n) for n in os.listdir(killed / "checkpoints") if n.isdigit())
+    restart = subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(),
+                             check=True, capture_output=True, text=True)
     assert records(killed) == records(clean)
     assert [r["step"] for r in records(clean)] == list(range(1, steps + 1))
+    # The restart says where it works and where it resumed (the newest complete checkpoint).
+    assert f"run directory: {killed}" in restart.stdout
+    assert f"resuming from step {newest} " in restart.stdout, restart.stdout
 
 
 def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):

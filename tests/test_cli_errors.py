@@ -1,0 +1,87 @@
+"""User errors at the command line: one short message naming the culprit, status 2, no traceback.
+
+A gin typo, a missing data file, a broken row (named by file and line), a missing model; each
+checked before any model loads. `--debug` / `PREFOPT_DEBUG=1` show the traceback instead.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prefopt_jax import cli
+from prefopt_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA_DPO = "configs/experiments/dpo_smollm2_lora.gin"
+
+
+def prefopt(*args, debug="0"):
+    env = {**os.environ, "PREFOPT_DEBUG": debug, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "prefopt_jax.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc, *needles):
+    message = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in message and len(message.splitlines()) <= 5, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def pairs(n):
+    return [{"prompt": f"Question {i}?", "chosen": f" Good answer {i}.",
+             "rejected": f" Bad answer {i}."} for i in range(n)]
+
+
+def test_gin_typo_names_the_binding_and_close_names(tmp_path):
+    proc = prefopt("train", "configs/experiments/tiny.gin", "--gin.LoopConfig.stepz=3",
+                   f"--gin.LoopConfig.output_dir='{tmp_path}'")
+    assert_user_error(proc, "LoopConfig.stepz", "close names: LoopConfig.steps")
+    debug = prefopt("--debug", "train", "configs/experiments/tiny.gin",
+                    "--gin.LoopConfig.stepz=3", f"--gin.LoopConfig.output_dir='{tmp_path}'")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_broken_row_is_named_by_file_and_line(tmp_path):
+    rows = pairs(12)
+    rows[7]["rejected"] = rows[7]["chosen"]  # row 7 counting from 0: line 8
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = prefopt("train", LORA_DPO, f"--gin.DATA_PATH='{path}'",
+                   f"--gin.LoopConfig.output_dir='{tmp_path / 'run'}'")
+    assert_user_error(proc, f"{path} line 8, field 'rejected': chosen identical to rejected")
+
+
+def test_missing_data_and_model_fail_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+
+    def no_loading(spec):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loop, "load_model", no_loading)
+    missing = tmp_path / "nope.jsonl"
+    assert cli.main(["train", LORA_DPO, f"--gin.DATA_PATH='{missing}'",
+                     f"--gin.LoopConfig.output_dir='{tmp_path / 'run'}'"]) == 2
+    err = capsys.readouterr().err
+    assert f"data source {missing}: no such file or directory" in err, err
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(4)))
+    assert cli.main(["train", LORA_DPO, f"--gin.DATA_PATH='{tmp_path / 'ok.jsonl'}'",
+                     f"--gin.ModelSpec.source='{tmp_path / 'no_model'}'",
+                     f"--gin.LoopConfig.output_dir='{tmp_path / 'run'}'"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no_model") in err and len(err.strip().splitlines()) <= 5, err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "data", "convert"])
+def test_help_mentions_gin_overrides_or_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text.lower(), text
+    if command in ("train", "eval"):
+        assert "--gin.NAME=VALUE" in text, text
