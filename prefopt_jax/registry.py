@@ -20,7 +20,7 @@ from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.models.spec import ModelSpec
 from prefopt_jax.online import iterative
-from prefopt_jax.train import build, loop, optim, reward_model
+from prefopt_jax.train import build, driver, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
 CONFIGURABLES = {
@@ -53,8 +53,11 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
         lora = model.lora and dataclasses.replace(model.lora, rank=2)
         model = dataclasses.replace(model, source="tiny", lora=lora)
         data = dataclasses.replace(data, source="tiny", batch_size=min(data.batch_size, 4))
-    write_operative(loop.output_dir)
-    return (trainer or default_trainer(algo))(model, data, algo, optim, loop)
+    # Held from here, so a second run on the directory is refused before it writes anything.
+    with driver.RunDir(loop.output_dir) as run_dir:
+        if loop.overwrite or run_dir.finished(loop.steps) is None:
+            write_operative(loop.output_dir)  # a finished run's outputs stay as they were
+        return (trainer or default_trainer(algo))(model, data, algo, optim, loop)
 
 
 def default_trainer(algo):

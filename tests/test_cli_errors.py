@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from prefopt_jax import cli
+from prefopt_jax.errors import ConfigError
 from prefopt_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,13 +38,18 @@ def pairs(n):
              "rejected": f" Bad answer {i}."} for i in range(n)]
 
 
-def test_gin_typo_names_the_binding_and_close_names(tmp_path):
-    proc = prefopt("train", "configs/experiments/tiny.gin", "--gin.LoopConfig.stepz=3",
-                   f"--gin.LoopConfig.output_dir='{tmp_path}'")
-    assert_user_error(proc, "LoopConfig.stepz", "close names: LoopConfig.steps")
-    debug = prefopt("--debug", "train", "configs/experiments/tiny.gin",
-                    "--gin.LoopConfig.stepz=3", f"--gin.LoopConfig.output_dir='{tmp_path}'")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
+def test_gin_typo_names_the_binding_and_close_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PREFOPT_DEBUG", raising=False)
+    argv = ["train", "configs/experiments/tiny.gin", "--gin.LoopConfig.stepz=3",
+            f"--gin.LoopConfig.output_dir='{tmp_path}'"]
+    assert cli.main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) <= 5 and "Traceback" not in message, message
+    assert "LoopConfig.stepz" in message and "close names: LoopConfig.steps" in message, message
+    with pytest.raises(ConfigError, match="stepz"):  # --debug: the error and its traceback
+        cli.main(["--debug", *argv])
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_broken_row_is_named_by_file_and_line(tmp_path):

@@ -204,6 +204,11 @@ class IterativeTask(loop_lib.PolicyTask):
         self.prompts, self.callback, self.round, self.round_info = prompts, callback, 0, {}
         super().__init__(model_spec, data_spec, algo, optim_config, loop)
 
+    def check_sources(self, model_spec, data_spec) -> None:
+        """Prompts may come from any file with a `prompt` column: only its existence is checked
+        before the model loads."""
+        loop_lib.check_sources(model_spec, data_spec, rows=False)
+
     def schedule_steps(self) -> tuple[int, str]:
         if self.config.reset_optimizer:  # each round restarts the schedule
             return self.config.steps_per_iteration, "IterativeConfig.steps_per_iteration"

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from prefopt_jax.data.tokenized import TokenizedData, from_lists
+from prefopt_jax.errors import DataSourceError
 from prefopt_jax.sampling import generate as gen
 from prefopt_jax.sampling import search
 from prefopt_jax.sampling.scorers import Candidates
@@ -150,5 +151,5 @@ def read_prompts(path: str, limit: int | None = None) -> list:
     rows = src.rows(0, len(src))
     prompts = [r["prompt"] for r in rows if r.get("prompt") is not None]
     if not prompts:
-        raise ValueError(f"{path}: no row has a 'prompt' field")
+        raise DataSourceError(f"{path}: no row has a 'prompt' field")
     return prompts[:limit] if limit else prompts

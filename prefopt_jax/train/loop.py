@@ -121,12 +121,17 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int, row_multi
                            num_epochs=None)
 
 
-def check_sources(model_spec: ModelSpec, data_spec: DataSpec) -> None:
-    """The model and the data exist and the data's first rows are valid: checked before any
-    model loads, so a typo in a path fails in a second, not after the model has loaded."""
+def check_sources(model_spec: ModelSpec, data_spec: DataSpec, rows: bool = True) -> None:
+    """The model and the data exist (and with `rows`, the data's first rows are valid
+    preference rows): checked before any model loads, so a typo in a path fails in a second,
+    not after the model has loaded."""
     check_source(model_spec)
-    if data_spec.source != "tiny":
+    if data_spec.source == "tiny":
+        return
+    if rows:
         data_lib.check_source(data_spec.source)
+    else:
+        data_lib.open_source(data_spec.source)
 
 
 def provenance(task) -> dict[str, str]:
@@ -173,7 +178,7 @@ class PolicyTask(driver.LoaderTask):
         optim_config = optim.for_run(optim_config, *self.schedule_steps())
         self.micro_batches = data_spec.micro_batches
         build.check_needs(algo.objective(), algo, model_spec.lora)  # before loading any model
-        check_sources(model_spec, data_spec)
+        self.check_sources(model_spec, data_spec)
         model, self.tokenizer = load_model(model_spec)
         self.mesh = sharding_lib.make_mesh(loop.mesh_shape)
         graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
@@ -196,6 +201,10 @@ class PolicyTask(driver.LoaderTask):
         self.state = self.place_aux(self.state)
         self.step_fn, self.state_sh, self.batch_sh = step_lib.compile_train_step(
             self.setup, self.abstract, probe, self.mesh)
+
+    def check_sources(self, model_spec: ModelSpec, data_spec: DataSpec) -> None:
+        """Before any model loads: the model and preference data exist, first rows valid."""
+        check_sources(model_spec, data_spec)
 
     def schedule_steps(self) -> tuple[int, str]:
         """The optimiser steps one learning-rate schedule spans, and the setting that says so."""

@@ -2,9 +2,11 @@
 
 Slow and realistic (marker ``real_model``); the model is loaded once per session by the
 ``smollm2`` fixture of tests/conftest.py. The transformers reference runs in a subprocess
-(transformers_gguf_reference.py) started before our load, so that the two loads overlap.
+(transformers_gguf_reference.py) started before our load, so that the two loads overlap. Its
+export generates one assistant turn with transformers' `generate` (stops at `<|im_end|>`).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prefopt_jax.models.hf import builtin_path
+from prefopt_jax.models.hf import builtin_path, save_pretrained
 
 pytestmark = pytest.mark.real_model
 SCRIPT = Path(__file__).with_name("transformers_gguf_reference.py")
@@ -80,3 +82,30 @@ def test_chat_logprobs_match_transformers_gguf(transformers_reference, smollm2):
     answer = tokenizer.encode(" Paris.", add_special_tokens=False)
     at = next(i for i in range(len(ids)) if ids[i:i + len(answer)] == answer)
     assert ours[at - 1] > np.log(0.3), "SmolLM2 should put real mass on ' Paris'"
+
+
+EXPORT_PROMPT = [{"role": "user", "content": "Reply with one word: yes or no?"}]
+
+
+@pytest.mark.real_model
+def test_smollm2_export_generates_one_turn_with_transformers(tmp_path, smollm2):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    model, tokenizer = smollm2
+    out = save_pretrained(model, tmp_path / "export", tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert im_end in generation["eos_token_id"]
+    assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    inputs = hf_tokenizer.apply_chat_template(EXPORT_PROMPT, add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+    length = inputs["input_ids"].shape[1]
+    new = hf_model.generate(**inputs, max_new_tokens=48, do_sample=False)[0, length:].tolist()
+    assert new[-1] == im_end and len(new) < 48, hf_tokenizer.decode(new)
+    assert im_end not in new[:-1]
+    # Without <|im_end|> among the stop ids the same greedy run goes past it into a next turn.
+    longer = hf_model.generate(**inputs, max_new_tokens=48, do_sample=False,
+                               eos_token_id=hf_tokenizer.unk_token_id)[0, length:].tolist()
+    assert longer[:len(new)] == new and len(longer) > len(new), hf_tokenizer.decode(longer)

@@ -143,7 +143,9 @@ def gin_run(out_dir, steps, *extra):
                    [f"LoopConfig.steps = {steps}", f"LoopConfig.output_dir = '{out_dir}'",
                     "LoopConfig.checkpoint_every = 2", "LoopConfig.keep_checkpoints = 2",
                     "LoopConfig.export = False", "DataSpec.tiny_examples = 12",
-                    "DataSpec.batch_size = 4", *extra])
+                    "DataSpec.batch_size = 4",
+                    # one schedule for runs of different lengths (unset, it follows their steps)
+                    "OptimConfig.total_steps = 20", *extra])
     return registry.train()
 
 

@@ -54,8 +54,10 @@ def test_second_run_on_a_directory_in_use_is_refused_then_a_stale_lock_is_taken(
             if first.poll() is not None or time.time() > deadline:
                 pytest.fail("the first run ended or timed out before training")
             time.sleep(0.05)
+        operative = (out / "operative_config.gin").read_text()
         second = subprocess.run(command(out, "LoopConfig.steps=3"), cwd=ROOT, env=env(),
                                 capture_output=True, text=True, timeout=240)
+        assert (out / "operative_config.gin").read_text() == operative  # nothing written
         assert second.returncode == 2, second.stderr
         message = second.stderr.strip()
         assert len(message.splitlines()) <= 5 and "Traceback" not in message, message
