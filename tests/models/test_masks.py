@@ -126,9 +126,12 @@ def test_causal_blocks_equal_one_block_with_packing_branches_and_window():
         def total(block, *qkv):
             return jnp.sum(jnp.sin(attend(*qkv, mask, block)))
 
-        np.testing.assert_allclose(attend(q, kk, v, mask, 64), attend(q, kk, v, mask),
-                                   atol=1e-6)
-        grads = [jax.grad(total, argnums=(1, 2, 3))(block, q, kk, v) for block in (64, None)]
+        # Jitted (eager dispatch of the blocked loop costs seconds per call on CPU).
+        attend_jit = jax.jit(attend, static_argnums=4)
+        np.testing.assert_allclose(attend_jit(q, kk, v, mask, 64),
+                                   attend_jit(q, kk, v, mask, None), atol=1e-6)
+        grad = jax.jit(jax.grad(total, argnums=(1, 2, 3)), static_argnums=0)
+        grads = [grad(block, q, kk, v) for block in (64, None)]
         for a, c in zip(*grads):
             np.testing.assert_allclose(a, c, atol=1e-5)
     with pytest.raises(ValueError, match="causal_block needs keys = queries"):

@@ -102,10 +102,10 @@ def test_smollm2_export_generates_one_turn_with_transformers(tmp_path, smollm2):
     inputs = hf_tokenizer.apply_chat_template(EXPORT_PROMPT, add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True)
     length = inputs["input_ids"].shape[1]
-    new = hf_model.generate(**inputs, max_new_tokens=48, do_sample=False)[0, length:].tolist()
-    assert new[-1] == im_end and len(new) < 48, hf_tokenizer.decode(new)
+    new = hf_model.generate(**inputs, max_new_tokens=32, do_sample=False)[0, length:].tolist()
+    assert new[-1] == im_end and len(new) < 32, hf_tokenizer.decode(new)
     assert im_end not in new[:-1]
     # Without <|im_end|> among the stop ids the same greedy run goes past it into a next turn.
-    longer = hf_model.generate(**inputs, max_new_tokens=48, do_sample=False,
+    longer = hf_model.generate(**inputs, max_new_tokens=32, do_sample=False,
                                eos_token_id=hf_tokenizer.unk_token_id)[0, length:].tolist()
     assert longer[:len(new)] == new and len(longer) > len(new), hf_tokenizer.decode(longer)
