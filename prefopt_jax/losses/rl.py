@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from prefopt_jax.losses.advantages import group_moments
 from prefopt_jax.losses.base import (Array, LossOutput, RolloutInputs, f32, metric,
                                      ones_like_lead, require, seq_len, seq_reduce)
 from prefopt_jax.losses.registry import register
@@ -186,17 +187,9 @@ def group_stats(rewards_n: Array, valid_n: Array, group_size: int,
     n = rewards_n.shape[0]
     if group_size < 2 or n % group_size:
         raise ValueError(f"group_size must be >= 2 and divide the {n} rows, got {group_size}")
-    r_gk = f32(rewards_n).reshape(n // group_size, group_size)
-    v_gk = (f32(valid_n) > 0).reshape(r_gk.shape).astype(jnp.float32)
-    total_g, count_g = jnp.sum(r_gk * v_gk, -1), jnp.sum(v_gk, -1)
-    if extra_reward is not None:
-        total_g, count_g = total_g + extra_reward, count_g + 1.0
-    mean_g = total_g / jnp.maximum(count_g, 1.0)
-    sq_g = jnp.sum(jnp.square(r_gk - mean_g[:, None]) * v_gk, -1)
-    if extra_reward is not None:
-        sq_g = sq_g + jnp.square(extra_reward - mean_g)
-    std_g = jnp.sqrt(sq_g / jnp.maximum(count_g - 1.0, 1.0))
-    return _per_row(mean_g, group_size), _per_row(std_g, group_size)
+    valid_n = (f32(valid_n) > 0).astype(jnp.float32)
+    mean_n, std_n, _ = group_moments(f32(rewards_n) * valid_n, valid_n, group_size, extra_reward)
+    return mean_n, std_n
 
 
 def _per_row(x_g: Array, group_size: int) -> Array:

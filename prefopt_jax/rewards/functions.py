@@ -1,0 +1,231 @@
+"""Reward functions for training on sampled completions, in the convention TRL users write.
+
+A reward function is called once per batch as
+
+    fn(prompts: list[str], completions: list[str], **fields) -> list[float | None]
+
+where `fields` are the prompt dataset's other columns, each a list aligned with `prompts` (for
+example `answer`). `None` means "no opinion" on that sample: it is left out of the weighted sum
+(and of that function's own statistics); a sample no function has an opinion on has no reward.
+
+Configs name a function as `'package.module:function'` (any importable callable) or by a
+built-in name (`BUILTINS`); `(name, {params})` passes parameters to a built-in's factory.
+`RewardFunctions` holds several with weights and returns the weighted sum and each function's
+own column. A function that raises stops the run naming the function and the first prompt index
+it fails on; a wrong number or type of results is refused the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from prefopt_jax.errors import ConfigError, UserError
+
+
+class RewardFunctionError(UserError, RuntimeError):
+    """A reward function that failed or returned something other than one number per sample."""
+
+
+# Built-in reward functions (factories take the `(name, {params})` parameters).
+
+def math_answer(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 when the completion's answer (its last `\\boxed{}`, else its final expression or
+    number) equals the `answer` column under `math-verify`, else 0.0; None without an answer."""
+    if answer is None:
+        raise ValueError("needs an 'answer' column in the prompt data")
+    from math_verify import parse, verify
+    out = []
+    for completion, gold in zip(completions, answer):
+        if gold is None:
+            out.append(None)
+            continue
+        gold_parsed = parse(str(gold))
+        predicted = parse(completion)
+        out.append(float(bool(gold_parsed and predicted and verify(gold_parsed, predicted))))
+    return out
+
+
+def exact_match(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 when the completion, stripped, equals the `answer` column, stripped."""
+    if answer is None:
+        raise ValueError("needs an 'answer' column in the prompt data")
+    return [None if gold is None else float(c.strip() == str(gold).strip())
+            for c, gold in zip(completions, answer)]
+
+
+def regex(pattern: str, full: bool = False) -> Callable:
+    """1.0 when the completion matches `pattern` (searched; `full`: the whole completion)."""
+    compiled = re.compile(pattern, re.S)
+    match = compiled.fullmatch if full else compiled.search
+
+    def reward(prompts, completions, **_):
+        return [float(match(c.strip() if full else c) is not None) for c in completions]
+
+    reward.__name__ = f"regex({pattern!r})"
+    return reward
+
+
+def think_format() -> Callable:
+    """The R1 format: `<think>...</think>` then an answer (1.0 / 0.0)."""
+    return regex(r"<think>.*?</think>\s*\S.*", full=True)
+
+
+def length_penalty(max_chars: int, penalty: float = 1.0) -> Callable:
+    """`-penalty * max(0, len - max_chars) / max_chars`: 0 up to `max_chars` characters, then
+    growing linearly (the soft overlong penalty acts on tokens inside the loop)."""
+    def reward(prompts, completions, **_):
+        return [-penalty * max(0, len(c) - max_chars) / max_chars for c in completions]
+
+    return reward
+
+
+def sentiment(prompts, completions, **_) -> list[float]:
+    """VADER's compound sentiment of the completion, in [-1, 1]."""
+    from prefopt_jax.rewards.sentiment import compound
+    return [float(s) for s in compound(completions)]
+
+
+BUILTINS: dict[str, Callable] = {
+    "math_answer": math_answer, "exact_match": exact_match, "sentiment": sentiment,
+}
+FACTORIES: dict[str, Callable] = {
+    "regex": regex, "think_format": think_format, "length_penalty": length_penalty,
+}
+
+
+def resolve(spec) -> tuple[str, Callable]:
+    """(name, function) of a spec: a callable, a built-in name, `'pkg.module:function'`, or
+    `(name, {params})` for a built-in factory."""
+    if callable(spec):
+        return getattr(spec, "__name__", repr(spec)), spec
+    params = {}
+    if isinstance(spec, (tuple, list)):
+        spec, params = spec[0], dict(*spec[1:])
+    if not isinstance(spec, str):
+        raise ConfigError(f"reward function {spec!r}: expected a name, 'package.module:function' "
+                          "or (name, {params})")
+    if spec in FACTORIES:
+        try:
+            return spec, FACTORIES[spec](**params)
+        except TypeError as err:
+            raise ConfigError(f"reward function {spec!r}: {err}") from None
+    if params:
+        raise ConfigError(f"reward function {spec!r} takes no parameters (factories with "
+                          f"parameters: {', '.join(sorted(FACTORIES))})")
+    if spec in BUILTINS:
+        return spec, BUILTINS[spec]
+    if ":" not in spec:
+        raise ConfigError(f"unknown reward function {spec!r}; built in: "
+                          f"{', '.join(sorted({*BUILTINS, *FACTORIES}))}; or name your own as "
+                          "'package.module:function'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"reward function {spec!r}: {err}") from None
+    if not callable(fn):
+        raise ConfigError(f"reward function {spec!r} is not callable")
+    return spec, fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewards:
+    """One batch's rewards: `total_n` (NaN where no function had an opinion), each function's
+    column `columns_nm` (NaN for None) and the functions' names."""
+
+    total_n: np.ndarray
+    columns_nm: np.ndarray
+    names: tuple[str, ...]
+
+    def metrics(self) -> dict[str, float]:
+        """Mean and std of the total and each function's mean, over the samples with a value."""
+        out = {"reward/mean": _nanmean(self.total_n), "reward/std": _nanstd(self.total_n)}
+        for m, name in enumerate(self.names):
+            out[f"reward/{name}"] = _nanmean(self.columns_nm[:, m])
+        return out
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.mean(x[~np.isnan(x)])) if np.any(~np.isnan(x)) else float("nan")
+
+
+def _nanstd(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.std(x[~np.isnan(x)])) if np.any(~np.isnan(x)) else float("nan")
+
+
+class RewardFunctions:
+    """Several reward functions with weights: `rf(prompts, completions, fields) -> Rewards`."""
+
+    def __init__(self, specs: Sequence[Any], weights: Sequence[float] | None = None):
+        if not specs:
+            raise ConfigError("no reward functions given")
+        resolved = [resolve(s) for s in specs]
+        self.names = tuple(name for name, _ in resolved)
+        self.fns = tuple(fn for _, fn in resolved)
+        self.weights = tuple(float(w) for w in (weights or [1.0] * len(specs)))
+        if len(self.weights) != len(self.fns):
+            raise ConfigError(f"{len(self.weights)} reward weights for {len(self.fns)} reward "
+                              "functions")
+
+    def __call__(self, prompts: list[str], completions: list[str],
+                 fields: dict[str, list] | None = None) -> Rewards:
+        fields = fields or {}
+        for key, column in fields.items():
+            if len(column) != len(prompts):
+                raise RewardFunctionError(f"field {key!r} has {len(column)} values for "
+                                          f"{len(prompts)} prompts")
+        columns = [self._call(name, fn, prompts, completions, fields)
+                   for name, fn in zip(self.names, self.fns)]
+        columns_nm = np.stack(columns, axis=1) if columns else np.zeros((len(prompts), 0))
+        weighted_nm = columns_nm * np.asarray(self.weights)[None]
+        opinion_n = np.any(~np.isnan(columns_nm), axis=1)
+        total_n = np.where(opinion_n, np.nansum(weighted_nm, axis=1), np.nan)
+        return Rewards(total_n, columns_nm, self.names)
+
+    @staticmethod
+    def _call(name, fn, prompts, completions, fields) -> np.ndarray:
+        """One function's column; a failure names the function and the first failing prompt."""
+        try:
+            values = fn(prompts, completions, **fields)
+        except Exception as err:  # noqa: BLE001 -- find the sample, then report it
+            index = _first_failing(fn, prompts, completions, fields)
+            where = f"prompt {index}" if index is not None else "the batch"
+            raise RewardFunctionError(
+                f"reward function {name} failed on {where}: {type(err).__name__}: {err}"
+            ) from err
+        values = list(values) if values is not None else []
+        if len(values) != len(prompts):
+            raise RewardFunctionError(f"reward function {name} returned {len(values)} values "
+                                      f"for {len(prompts)} completions")
+        out = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            try:
+                out[i] = float(v)
+            except (TypeError, ValueError):
+                raise RewardFunctionError(f"reward function {name} returned {v!r} for prompt "
+                                          f"{i}; expected a number or None") from None
+            if not math.isfinite(out[i]):
+                raise RewardFunctionError(f"reward function {name} returned {v!r} for prompt "
+                                          f"{i}; expected a finite number or None")
+        return out
+
+
+def _first_failing(fn, prompts, completions, fields) -> int | None:
+    """The first sample the function fails on when called alone."""
+    for i in range(len(prompts)):
+        try:
+            fn(prompts[i:i + 1], completions[i:i + 1],
+               **{k: v[i:i + 1] for k, v in fields.items()})
+        except Exception:  # noqa: BLE001
+            return i
+    return None
