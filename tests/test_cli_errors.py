@@ -75,6 +75,7 @@ def test_missing_data_and_model_fail_before_any_model_loads(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert f"data source {missing}: no such file or directory" in err, err
     assert len(err.strip().splitlines()) <= 5 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()  # a refused run leaves no directory behind
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(4)))
     assert cli.main(["train", LORA_DPO, f"--gin.DATA_PATH='{tmp_path / 'ok.jsonl'}'",
                      f"--gin.ModelSpec.source='{tmp_path / 'no_model'}'",

@@ -186,6 +186,7 @@ def run(task: Task, steps: int, output_dir: str, *, checkpoint_every: int = 100,
 
 LOCK_FILE = ".prefopt.lock"
 FINISHED_FILE = "finished.json"
+OPERATIVE = "operative_config.gin"  # written by the gin entry before the run starts
 # What `LoopConfig.overwrite` removes before a finished run is trained again.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "export", FINISHED_FILE)
 _held: dict[str, list] = {}  # absolute path -> [open lock file, claims]
@@ -247,6 +248,12 @@ class RunDir:
             f.truncate()  # a clean end leaves no holder to take over
             f.close()
             del _held[self.path]
+            # A run that failed before any output (a bad input, say) leaves no directory.
+            left = set(os.listdir(self.path))
+            if left == {LOCK_FILE} or (exc[0] is not None and left <= {LOCK_FILE, OPERATIVE}):
+                for name in left:
+                    os.remove(os.path.join(self.path, name))
+                os.rmdir(self.path)
 
     @staticmethod
     def _holder(f) -> dict:

@@ -80,6 +80,7 @@ def test_second_run_on_a_directory_in_use_is_refused_then_a_stale_lock_is_taken(
 def test_stale_lock_warns_and_a_held_one_refuses(tmp_path, capsys):
     lock = tmp_path / driver.LOCK_FILE
     lock.write_text(json.dumps({"pid": 999999, "host": "elsewhere", "started": "then"}))
+    (tmp_path / "metrics.jsonl").write_text("")  # a run's output: the directory stays
     with driver.RunDir(str(tmp_path)):
         assert "taking over" in capsys.readouterr().out
         with driver.RunDir(str(tmp_path)):  # the same process claims again: nested, fine
