@@ -605,6 +605,11 @@ def _write_pretrained(model: Transformer, directory: Path, tokenizer: Any) -> No
             node = node[part]
         tensors[key] = jnp.asarray(entry.to_hf(np.asarray(node)))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights the
+    # usual permissions, as the other files get, so a shared export is readable.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory / "model.safetensors", 0o666 & ~umask)
     generation = {} if tokenizer is None else generation_config(tokenizer)
     # The ids go into config.json too: without them transformers' config defaults stand in
     # (LlamaConfig: bos 1, eos 2), which are this tokenizer's ids only by chance.

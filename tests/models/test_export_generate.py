@@ -54,6 +54,8 @@ def test_export_writes_stop_ids_and_a_clean_tokenizer_config(tmp_path, tiny_mode
     assert not set(saved) & set(tokenizer_lib.LOADER_ONLY_KEYS)
     assert (out / "operative_config.gin").read_text() == "train.steps = 3\n"
     assert (out / "base_model.txt").read_text() == "tiny\n"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' 0600
     _, loaded = from_pretrained(out)
     assert "local_files_only" not in loaded.init_kwargs
 
