@@ -13,6 +13,7 @@ advantages `A_n`; rows with `v = 0` get `A = 0` and enter no statistic. Formulas
 
 A group whose samples all agree (every reward equal, or one valid sample) gets A = 0 from every
 estimator but `ngrpo`, whose virtual sample still makes wrong answers negative.
+The GRPO-family losses and RLOO (`losses.rl`) take their advantages from here.
 `multi_objective` turns several reward columns into one advantage: each column's own estimate,
 weighted and summed (a column that abstains for a row, NaN, counts as not valid there).
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from prefopt_jax.losses.advantages import group_moments
+from prefopt_jax.losses.advantages import advantages
 from prefopt_jax.losses.base import (Array, LossOutput, RolloutInputs, f32, metric,
                                      ones_like_lead, require, seq_len, seq_reduce)
 from prefopt_jax.losses.registry import register
@@ -178,25 +178,6 @@ def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: 
                      loss="rto")
 
 
-def group_stats(rewards_n: Array, valid_n: Array, group_size: int,
-                extra_reward: float | None = None) -> tuple[Array, Array]:
-    """Per-row group mean and unbiased std of the rewards over the real members of its group.
-
-    `extra_reward` adds one virtual member with that reward to every group (NGRPO).
-    """
-    n = rewards_n.shape[0]
-    if group_size < 2 or n % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the {n} rows, got {group_size}")
-    valid_n = (f32(valid_n) > 0).astype(jnp.float32)
-    mean_n, std_n, _ = group_moments(f32(rewards_n) * valid_n, valid_n, group_size, extra_reward)
-    return mean_n, std_n
-
-
-def _per_row(x_g: Array, group_size: int) -> Array:
-    """A per-group value repeated for each row (broadcast + reshape: keeps the row sharding)."""
-    return jnp.broadcast_to(x_g[:, None], (x_g.shape[0], group_size)).reshape(-1)
-
-
 def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_low: float,
                        eps_high: float, reduction: str) -> LossOutput:
     """`-[min(rho A, clip(rho) A) - b KL_k3(pi || pi_ref)]` per token, reduced per `reduction`.
@@ -233,8 +214,7 @@ def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: flo
 
     KL is k3 of the current policy against the reference; std is the unbiased group std.
     """
-    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size)
-    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    adv_n = advantages("grpo", inputs.rewards_n, _valid(inputs), group_size, std_eps=std_eps)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
                               reduction="sequence")
 
@@ -244,8 +224,7 @@ def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: flo
 def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
             epsilon: float = 0.2) -> LossOutput:
     """Dr. GRPO: `A_i = r_i - mean_G r` (no std); token sums over the fixed length C (no |o_i|)."""
-    mean_n, _ = group_stats(inputs.rewards_n, _valid(inputs), group_size)
-    adv_n = f32(inputs.rewards_n) - mean_n
+    adv_n = advantages("dr_grpo", inputs.rewards_n, _valid(inputs), group_size)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
                               reduction="max_length")
 
@@ -258,8 +237,7 @@ def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: 
 
     `epsilon_high` (clip-higher) defaults to epsilon; DAPO's paper uses 0.28.
     """
-    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size)
-    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    adv_n = advantages("grpo", inputs.rewards_n, _valid(inputs), group_size, std_eps=std_eps)
     high = epsilon if epsilon_high is None else epsilon_high
     return _group_policy_loss(inputs, adv_n, beta=0.0, eps_low=epsilon, eps_high=high,
                               reduction="token")
@@ -272,8 +250,8 @@ def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_rewa
           std_eps: float = 1e-4) -> LossOutput:
     """NGRPO: GRPO whose group mean/std include a virtual sample with the max reward; clip
     `[1 - 0.16, 1 + 0.24]`. [summary] spec: the virtual sample only enters the statistics."""
-    mean_n, std_n = group_stats(inputs.rewards_n, _valid(inputs), group_size, max_reward)
-    adv_n = (f32(inputs.rewards_n) - mean_n) / (std_n + std_eps)
+    adv_n = advantages("ngrpo", inputs.rewards_n, _valid(inputs), group_size,
+                       max_reward=max_reward, std_eps=std_eps)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=eps_low, eps_high=eps_high,
                               reduction="sequence")
 
@@ -308,11 +286,7 @@ def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int = 2,
             else seq_reduce(_old_logps(inputs) - f32(inputs.ref_logps_nc), tok_nc))
     shaped_n = f32(inputs.rewards_n) - beta * kl_n
     valid_n = _valid(inputs)
-    mean_n, _ = group_stats(shaped_n, valid_n, group_size)
-    count_n = _per_row(jnp.sum((valid_n > 0).reshape(-1, group_size), -1), group_size)
-    # Leave-one-out mean from the group mean: (n mean - r_i) / (n - 1).
-    adv_n = shaped_n - (count_n * mean_n - shaped_n) / jnp.maximum(count_n - 1.0, 1.0)
-    adv_n = jax.lax.stop_gradient(adv_n)
+    adv_n = jax.lax.stop_gradient(advantages("rloo", shaped_n, valid_n, group_size))
     loss_n = -adv_n * seq_reduce(inputs.logps_nc, tok_nc)
     extra = {"advantages/mean": metric(adv_n, valid_n), "kl": metric(kl_n, valid_n)}
     return rl_output(loss_n, jnp.sum(valid_n > 0).astype(jnp.float32), inputs, extra)

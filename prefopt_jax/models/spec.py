@@ -74,7 +74,8 @@ def check_source(spec: ModelSpec) -> None:
 
 
 def load_model(spec: ModelSpec):
-    """(model, tokenizer): a random model, or weights from disk (never downloaded)."""
+    """(model, tokenizer): a random model, or weights from disk (a hub id not in the local
+    cache is downloaded unless HF_HUB_OFFLINE is set)."""
     overrides = dict(spec.overrides)
     dtype = jnp.dtype(spec.dtype)
     if spec.param_dtype:
