@@ -14,12 +14,13 @@ import re
 
 import gin
 
+from prefopt_jax import losses
 from prefopt_jax.data import LayoutConfig
 from prefopt_jax.errors import ConfigError
 from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.models.spec import ModelSpec
-from prefopt_jax.online import iterative
+from prefopt_jax.online import iterative, rl
 from prefopt_jax.train import build, driver, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
@@ -34,6 +35,7 @@ CONFIGURABLES = {
     "OptimConfig": optim.OptimConfig,
     "LoopConfig": loop.LoopConfig,
     "IterativeConfig": iterative.IterativeConfig,
+    "RLConfig": rl.RLConfig,
 }
 
 for _name, _cls in CONFIGURABLES.items():
@@ -47,7 +49,8 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
 
     `trainer` replaces the default (same arguments), e.g. `@train_iterative`. By default the
     objective's declared inputs choose: reward inputs train a reward model
-    (`@train_reward_model`), the others a policy (`loop.train`).
+    (`@train_reward_model`), rollout inputs the online RL loop (`@train_online`), the others
+    a policy (`loop.train`).
     """
     if tiny:
         lora = model.lora and dataclasses.replace(model.lora, rank=2)
@@ -62,14 +65,17 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
 
 def default_trainer(algo):
     """The task an objective trains by default, from its declaration."""
-    reward = algo.objective().info.inputs == "reward"
-    return reward_model.train if reward else loop_train
+    # By the registered name: a rollout objective's group_size comes from the online loop.
+    inputs = (losses.info(algo.name).inputs if not algo.mix and algo.name in losses.names()
+              else algo.objective().info.inputs)
+    return {"reward": reward_model.train, "rollout": rl.train}.get(inputs, loop_train)
 
 
 loop_train = loop.train
 CONFIGURABLES["train"] = train
 CONFIGURABLES["train_reward_model"] = reward_model.train
 CONFIGURABLES["train_iterative"] = iterative.train
+CONFIGURABLES["train_online"] = rl.train
 CONFIGURABLES["evaluate"] = policy_eval.evaluate
 
 

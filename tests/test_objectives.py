@@ -4,8 +4,10 @@
 model with synthetic data of the kind NAME declares (paired, triple, unpaired, listwise, with
 win probabilities), a random tiny DPO teacher where NAME reads one, and margins from it; the
 loss is finite at every step and the exported weights differ from the initial ones. RL
-objectives are refused, naming the loop that will run them. Each modifier runs on `dpo` and on
-`ipo`, and the MPO mix on its own. Bad choices fail with a message naming them.
+objectives train in the online loop (`@train_online`, picked by their inputs) on tiny.gin's
+random prompts, rewarded by the share of even token ids; those that need a critic (ppo, rto) are
+refused, naming it. Each modifier runs on `dpo` and on `ipo`, and the MPO mix on its own. Bad
+choices fail with a message naming them.
 """
 
 import glob
@@ -24,8 +26,8 @@ from prefopt_jax.models import from_pretrained
 from prefopt_jax.models.spec import ModelSpec, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINED = [n for n in losses.names() if losses.info(n).inputs != "rollout"]
-ROLLOUT = [n for n in losses.names() if losses.info(n).inputs == "rollout"]
+NEED_CRITIC = [n for n in losses.names() if "critic" in losses.info(n).needs]
+TRAINED = [n for n in losses.names() if n not in NEED_CRITIC]
 MODIFIERS = ["f_divergence_js", "wpo", "ld_dpo", "reference_free"]
 
 
@@ -73,6 +75,8 @@ def test_objective_trains_from_its_config(name, tmp_path, capsys):
     assert len(progress) == 2 and not any("nan" in ln for ln in progress), progress
     if losses.info(name).inputs == "unpaired":  # no pairs: rewards of each label instead
         assert all(" desirable " in ln and " undesirable " in ln for ln in progress), progress
+    if losses.info(name).inputs == "rollout":  # trained on its own samples, by the online loop
+        assert (tmp_path / "rollouts").is_dir()
 
 
 @pytest.mark.parametrize("modifier", MODIFIERS)
@@ -90,11 +94,19 @@ def test_mpo_mix_trains(tmp_path):
     assert {"dpo/loss", "bco_pair/loss", "sft/loss"} <= set(records[0])
 
 
-@pytest.mark.parametrize("name", ROLLOUT)
-def test_rl_objectives_are_refused_naming_their_loop(name, tmp_path):
-    with pytest.raises(ObjectiveError, match=f"objective '{name}' trains on rollouts.*online RL"):
+@pytest.mark.parametrize("name", NEED_CRITIC)
+def test_objectives_needing_a_critic_are_refused_naming_it(name, tmp_path):
+    with pytest.raises(ObjectiveError, match=f"objective '{name}' needs a critic"):
         train(tmp_path, f"configs/algos/{name}.gin")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_rollout_objectives_are_refused_by_the_preference_loop(tmp_path):
+    from prefopt_jax.train import build, loop, optim
+    algo = build.AlgoConfig(loss="grpo", hyper={"grpo": {"group_size": 4}})
+    with pytest.raises(ObjectiveError, match="objective 'grpo' trains on rollouts.*train_online"):
+        loop.PolicyTask(ModelSpec(), loop.DataSpec(), algo, optim.OptimConfig(),
+                        loop.LoopConfig(output_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("files,bindings,message", [

@@ -160,6 +160,8 @@ class RolloutInputs:
       old_logps_nc: [N, C] behaviour-policy log-probs; None = on-policy (logps, no gradient).
       ref_logps_nc: [N, C] reference log-probs; None = no KL term.
       values_nc, old_values_nc: [N, C] critic values now and at sampling time (ppo, rto).
+      entropy_nc: [N, C] the current policy's entropy at each completion position (with
+        gradient, for an entropy bonus); None where the engine did not compute it.
       valid_n, weight_n: as in UnpairedInputs.
       extras: loss-specific arrays (rto: `dpo_logps_nc`; pref_grpo: `win_prob_gkk`).
     """
@@ -171,6 +173,7 @@ class RolloutInputs:
     ref_logps_nc: Array | None = None
     values_nc: Array | None = None
     old_values_nc: Array | None = None
+    entropy_nc: Array | None = None
     valid_n: Array | None = None
     weight_n: Array | None = None
     extras: dict[str, Any] = flax.struct.field(default_factory=dict)

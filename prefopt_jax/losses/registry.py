@@ -51,6 +51,9 @@ NEEDS = {
     "token_stats": "per-token statistics of the policy's vocabulary distribution (WPO's "
                    "log sum_v p_v^2), computed in the log-prob chunks",
     "rollouts": "completions sampled from the policy and their rewards",
+    "group_preferences": "win probabilities P(y_i beats y_j) between the samples of each group "
+                         "from a preference scorer (RLConfig.preference)",
+    "critic": "a value model trained beside the policy (per-token values; not built yet)",
 }
 COUPLINGS = ("none", "batch", "sort")
 # Needs that couple the examples of a batch by themselves (mismatched completions pair example i

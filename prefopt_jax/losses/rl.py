@@ -41,15 +41,21 @@ def _token_mask(inputs: RolloutInputs) -> Array:
     return f32(inputs.mask_nc) * (_valid(inputs) > 0)[:, None]
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
 def kl_estimate(logps_nc: Array, ref_logps_nc: Array, kind: str = "k1") -> Array:
-    """Per-token KL estimate with d = log pi - log pi_ref: k1 `d`, k3 `exp(-d) - 1 + d`."""
+    """Per-token KL estimate with d = log pi - log pi_ref: k1 `d`, k2 `d^2 / 2`,
+    k3 `exp(-d) - 1 + d`."""
     d_nc = f32(logps_nc) - f32(ref_logps_nc)
     if kind == "k1":
         return d_nc
+    if kind == "k2":
+        return 0.5 * jnp.square(d_nc)
     if kind == "k3":
         neg_d = jnp.clip(-d_nc, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
         return jnp.exp(neg_d) - 1.0 - neg_d
-    raise ValueError(f"unknown KL estimator {kind!r}; known: 'k1', 'k3'")
+    raise ValueError(f"unknown KL estimator {kind!r}; known: {', '.join(KL_ESTIMATORS)}")
 
 
 def last_token(mask_nc: Array) -> Array:
@@ -108,8 +114,31 @@ def rl_output(loss_n: Array, count: Array, inputs: RolloutInputs, extra: dict,
     if inputs.weight_n is not None:
         loss_n = loss_n * f32(inputs.weight_n)
     metrics = {"loss": (jnp.sum(loss_n), count),
-               "rewards/mean": metric(inputs.rewards_n, valid_n), **extra}
+               "rewards/mean": metric(jnp.where(valid_n > 0, f32(inputs.rewards_n), 0.0),
+                                      valid_n), **extra}
+    if inputs.entropy_nc is not None:
+        metrics["entropy"] = metric(jax.lax.stop_gradient(f32(inputs.entropy_nc)),
+                                    _token_mask(inputs))
     return LossOutput(loss_p=loss_n, metrics=metrics, state=state)
+
+
+def shaped_rewards(inputs: RolloutInputs, beta: float, kl_estimator: str) -> Array:
+    """`r - b sum_t KLhat_t(pi_old || pi_ref)`: the KL penalty in the reward (none without a
+    reference or with b = 0)."""
+    rewards_n = f32(inputs.rewards_n)
+    if inputs.ref_logps_nc is None or beta == 0.0:
+        return rewards_n
+    kl_nc = kl_estimate(_old_logps(inputs), jax.lax.stop_gradient(f32(inputs.ref_logps_nc)),
+                        kl_estimator)
+    return rewards_n - beta * seq_reduce(kl_nc, _token_mask(inputs))
+
+
+def _entropy_bonus(inputs: RolloutInputs, coef: float) -> Array:
+    """`-c H_t` per token (0 without a coefficient or without entropies)."""
+    if not coef:
+        return jnp.zeros_like(f32(inputs.mask_nc))
+    entropy_nc = require({"entropy_nc": inputs.entropy_nc}, "entropy_nc", "entropy bonus")
+    return -coef * f32(entropy_nc)
 
 
 def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, lam: float,
@@ -135,7 +164,8 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
     return rl_output(loss_n, jnp.sum(tok_nc), inputs, extra)
 
 
-@register("ppo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("ppo", inputs="rollout", reference=True, coupling="batch",
+          needs=("rollouts", "critic"),
           paper=("Proximal Policy Optimization Algorithms; Training language models to follow "
                  "instructions with human feedback"))
 def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
@@ -158,7 +188,7 @@ def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
 
 
 @register("rto", inputs="rollout", reference=True, coupling="batch",
-          needs=("rollouts", "token_rewards"),
+          needs=("rollouts", "token_rewards", "critic"),
           paper="DPO Meets PPO: Reinforced Token Optimization for RLHF")
 def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: float = 0.05,
         beta2: float = 0.01, beta3: float = 1.0, gamma: float = 1.0, lam: float = 0.95,
@@ -179,11 +209,14 @@ def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: 
 
 
 def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_low: float,
-                       eps_high: float, reduction: str) -> LossOutput:
-    """`-[min(rho A, clip(rho) A) - b KL_k3(pi || pi_ref)]` per token, reduced per `reduction`.
+                       eps_high: float, reduction: str, kl_estimator: str = "k3",
+                       entropy_coef: float = 0.0) -> LossOutput:
+    """`-[min(rho A, clip(rho) A) - b KLhat(pi || pi_ref) + c H]` per token, reduced per
+    `reduction`.
 
     "sequence": (1/|o_i|) sum_t, mean over sequences (GRPO); "max_length": sum_t / C, mean over
-    sequences (Dr. GRPO); "token": sum over all tokens / number of tokens (DAPO).
+    sequences (Dr. GRPO); "token": sum over all tokens / number of tokens (DAPO). `beta` 0 (or
+    no reference) drops the KL term, as when the KL is in the reward instead.
     """
     tok_nc = _token_mask(inputs)
     adv_n = jax.lax.stop_gradient(adv_n)
@@ -191,8 +224,9 @@ def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_
                                        eps_low, eps_high)
     kl_nc = jnp.zeros_like(pg_nc)
     if inputs.ref_logps_nc is not None and beta != 0.0:
-        kl_nc = kl_estimate(inputs.logps_nc, jax.lax.stop_gradient(f32(inputs.ref_logps_nc)), "k3")
-    token_loss_nc = pg_nc + beta * kl_nc
+        kl_nc = kl_estimate(inputs.logps_nc, jax.lax.stop_gradient(f32(inputs.ref_logps_nc)),
+                            kl_estimator)
+    token_loss_nc = pg_nc + beta * kl_nc + _entropy_bonus(inputs, entropy_coef)
     valid_n = _valid(inputs)
     if reduction == "token":
         loss_n, count = seq_reduce(token_loss_nc, tok_nc), jnp.sum(tok_nc)
@@ -205,61 +239,87 @@ def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_
     return rl_output(loss_n, count, inputs, extra)
 
 
+def _kl_split(inputs: RolloutInputs, beta: float, kl_estimator: str, kl_in: str):
+    """(rewards for the advantages, the loss's KL coefficient): KL in the loss or the reward."""
+    if kl_in == "loss":
+        return inputs.rewards_n, beta
+    if kl_in == "reward":
+        return shaped_rewards(inputs, beta, kl_estimator), 0.0
+    raise ValueError(f"kl_in must be 'loss' or 'reward', not {kl_in!r}")
+
+
 @register("grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
           paper=("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language "
                  "Models (GRPO)"))
 def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
-         epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
+         epsilon: float = 0.2, std_eps: float = 1e-4, kl_estimator: str = "k3",
+         kl_in: str = "loss", entropy_coef: float = 0.0, estimator: str = "grpo") -> LossOutput:
     """GRPO: `A = (r - mean_G r)/(std_G r + eps)`; `-(1/|o|) sum_t [min(rho A, clip A) - b KL]`.
 
-    KL is k3 of the current policy against the reference; std is the unbiased group std.
+    KL is k3 of the current policy against the reference (`kl_estimator` k1/k2/k3); std is the
+    unbiased group std. `kl_in='reward'` puts `b sum_t KLhat(pi_old || pi_ref)` in the reward
+    instead. `estimator` names another advantage estimator (`losses.advantages`, e.g.
+    `reinforce_pp`); `entropy_coef` adds an entropy bonus.
     """
-    adv_n = advantages("grpo", inputs.rewards_n, _valid(inputs), group_size, std_eps=std_eps)
+    rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
+    adv_n = advantages(estimator, rewards_n, _valid(inputs), group_size,
+                       **({"std_eps": std_eps} if estimator in ("grpo", "ngrpo") else {}))
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
-                              reduction="sequence")
+                              reduction="sequence", kl_estimator=kl_estimator,
+                              entropy_coef=entropy_coef)
 
 
 @register("dr_grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
           paper="Understanding R1-Zero-Like Training: A Critical Perspective (Dr. GRPO)")
 def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
-            epsilon: float = 0.2) -> LossOutput:
+            epsilon: float = 0.2, kl_estimator: str = "k3", kl_in: str = "loss",
+            entropy_coef: float = 0.0) -> LossOutput:
     """Dr. GRPO: `A_i = r_i - mean_G r` (no std); token sums over the fixed length C (no |o_i|)."""
-    adv_n = advantages("dr_grpo", inputs.rewards_n, _valid(inputs), group_size)
+    rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
+    adv_n = advantages("dr_grpo", rewards_n, _valid(inputs), group_size)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
-                              reduction="max_length")
+                              reduction="max_length", kl_estimator=kl_estimator,
+                              entropy_coef=entropy_coef)
 
 
 @register("dapo", inputs="rollout", reference=False, coupling="batch", needs=("rollouts",),
           paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale")
 def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: float = 0.2,
-         epsilon_high: float | None = None, std_eps: float = 1e-4) -> LossOutput:
+         epsilon_high: float | None = None, std_eps: float = 1e-4,
+         entropy_coef: float = 0.0) -> LossOutput:
     """DAPO: GRPO advantages, token-sum / token-count over the batch, no KL (b = 0).
 
-    `epsilon_high` (clip-higher) defaults to epsilon; DAPO's paper uses 0.28.
+    `epsilon_high` (clip-higher) defaults to epsilon; DAPO's paper uses 0.28. Dynamic sampling,
+    overlong filtering and the soft overlong penalty are the online loop's (`RLConfig`).
     """
     adv_n = advantages("grpo", inputs.rewards_n, _valid(inputs), group_size, std_eps=std_eps)
     high = epsilon if epsilon_high is None else epsilon_high
     return _group_policy_loss(inputs, adv_n, beta=0.0, eps_low=epsilon, eps_high=high,
-                              reduction="token")
+                              reduction="token", entropy_coef=entropy_coef)
 
 
 @register("ngrpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
           paper="NGRPO: Negative-enhanced Group Relative Policy Optimization")
 def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_reward: float = 1.0,
           beta: float = 0.04, eps_high: float = 0.24, eps_low: float = 0.16,
-          std_eps: float = 1e-4) -> LossOutput:
+          std_eps: float = 1e-4, kl_estimator: str = "k3", kl_in: str = "loss",
+          entropy_coef: float = 0.0) -> LossOutput:
     """NGRPO: GRPO whose group mean/std include a virtual sample with the max reward; clip
     `[1 - 0.16, 1 + 0.24]`. [summary] spec: the virtual sample only enters the statistics."""
-    adv_n = advantages("ngrpo", inputs.rewards_n, _valid(inputs), group_size,
+    rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
+    adv_n = advantages("ngrpo", rewards_n, _valid(inputs), group_size,
                        max_reward=max_reward, std_eps=std_eps)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=eps_low, eps_high=eps_high,
-                              reduction="sequence")
+                              reduction="sequence", kl_estimator=kl_estimator,
+                              entropy_coef=entropy_coef)
 
 
-@register("pref_grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("pref_grpo", inputs="rollout", reference=True, coupling="batch",
+          needs=("rollouts", "group_preferences"),
           paper="Pref-GRPO: Pairwise Preference Reward-based GRPO")
 def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
-              epsilon: float = 0.2, std_eps: float = 1e-4) -> LossOutput:
+              epsilon: float = 0.2, std_eps: float = 1e-4, kl_estimator: str = "k3",
+              kl_in: str = "loss", entropy_coef: float = 0.0) -> LossOutput:
     """Pref-GRPO: reward_i = mean_{j != i} P(y_i beats y_j) within the group, then GRPO.
 
     `extras["win_prob_gkk"]` [G, K, K]: preference-model win probabilities; `rewards_n` is
@@ -271,14 +331,15 @@ def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta
     others_gkk = v_gk[:, None, :] * (1.0 - jnp.eye(k))[None]
     wins_gk = jnp.sum(p_gkk * others_gkk, -1) / jnp.maximum(jnp.sum(others_gkk, -1), 1.0)
     inputs = inputs.replace(rewards_n=jax.lax.stop_gradient(wins_gk.reshape(-1)))
-    return grpo(inputs, group_size=group_size, beta=beta, epsilon=epsilon, std_eps=std_eps)
+    return grpo(inputs, group_size=group_size, beta=beta, epsilon=epsilon, std_eps=std_eps,
+                kl_estimator=kl_estimator, kl_in=kl_in, entropy_coef=entropy_coef)
 
 
 @register("rloo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
           paper=("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human"
                  " Feedback in LLMs (RLOO)"))
-def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int = 2,
-         beta: float = 0.05) -> LossOutput:
+def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int,
+         beta: float = 0.05, entropy_coef: float = 0.0) -> LossOutput:
     """RLOO: `r' = r - b sum_t (log pi_old - log pi_ref)`, `A_i = r'_i - mean_{j != i} r'_j`;
     REINFORCE loss `-A_i L(y_i)` (sequence log-prob sum), mean over sequences."""
     tok_nc = _token_mask(inputs)
@@ -287,6 +348,7 @@ def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int = 2,
     shaped_n = f32(inputs.rewards_n) - beta * kl_n
     valid_n = _valid(inputs)
     adv_n = jax.lax.stop_gradient(advantages("rloo", shaped_n, valid_n, group_size))
-    loss_n = -adv_n * seq_reduce(inputs.logps_nc, tok_nc)
+    loss_n = (-adv_n * seq_reduce(inputs.logps_nc, tok_nc)
+              + seq_reduce(_entropy_bonus(inputs, entropy_coef), tok_nc))
     extra = {"advantages/mean": metric(adv_n, valid_n), "kl": metric(kl_n, valid_n)}
     return rl_output(loss_n, jnp.sum(valid_n > 0).astype(jnp.float32), inputs, extra)

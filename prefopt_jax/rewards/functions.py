@@ -71,6 +71,22 @@ def regex(pattern: str, full: bool = False) -> Callable:
     return reward
 
 
+def share(pattern: str) -> Callable:
+    """The fraction of the completion's whitespace-separated words that match `pattern` whole
+    (e.g. `'[0-9]*[02468]'` on a tokenizer-less model's ids: the share of even token ids)."""
+    compiled = re.compile(pattern)
+
+    def reward(prompts, completions, **_):
+        out = []
+        for c in completions:
+            words = c.split()
+            out.append(sum(compiled.fullmatch(w) is not None for w in words) / max(len(words), 1))
+        return out
+
+    reward.__name__ = f"share({pattern!r})"
+    return reward
+
+
 def think_format() -> Callable:
     """The R1 format: `<think>...</think>` then an answer (1.0 / 0.0)."""
     return regex(r"<think>.*?</think>\s*\S.*", full=True)
@@ -96,6 +112,7 @@ BUILTINS: dict[str, Callable] = {
 }
 FACTORIES: dict[str, Callable] = {
     "regex": regex, "think_format": think_format, "length_penalty": length_penalty,
+    "share": share,
 }
 
 
@@ -161,13 +178,37 @@ def _nanstd(x) -> float:
     return float(np.std(x[~np.isnan(x)])) if np.any(~np.isnan(x)) else float("nan")
 
 
-class RewardFunctions:
-    """Several reward functions with weights: `rf(prompts, completions, fields) -> Rewards`."""
+SCORER_PREFIX = "scorer:"
 
-    def __init__(self, specs: Sequence[Any], weights: Sequence[float] | None = None):
+
+def resolve_scorer(spec: str, tokenizer) -> tuple[str, Callable]:
+    """(name, scorer) of `scorer:SPEC`: a token scorer of `rewards.scorers.from_spec` (a
+    reward model `rm:DIR`, an ensemble, the implicit reward of a DPO policy `implicit:DIR`...),
+    called on the sampled tokens rather than on text."""
+    from prefopt_jax.rewards import scorers
+    try:
+        return spec, scorers.from_spec(spec[len(SCORER_PREFIX):], tokenizer)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"reward {spec!r}: {err}") from None
+
+
+class RewardFunctions:
+    """Several reward functions with weights: `rf(prompts, completions, fields) -> Rewards`.
+
+    A spec `scorer:SPEC` is a token scorer (`resolve_scorer`): the call must then pass the
+    sampled tokens as `tokens=(prompt_ids_b, tokens_bkc, mask_bkc)`, K samples per prompt, rows
+    `b K + k` of the text lists.
+    """
+
+    def __init__(self, specs: Sequence[Any], weights: Sequence[float] | None = None,
+                 tokenizer=None):
         if not specs:
             raise ConfigError("no reward functions given")
-        resolved = [resolve(s) for s in specs]
+        resolved = [resolve_scorer(s, tokenizer) + (True,)
+                    if isinstance(s, str) and s.startswith(SCORER_PREFIX)
+                    else resolve(s) + (False,) for s in specs]
+        self.on_tokens = tuple(t for *_, t in resolved)
+        resolved = [(name, fn) for name, fn, _ in resolved]
         self.names = tuple(name for name, _ in resolved)
         self.fns = tuple(fn for _, fn in resolved)
         self.weights = tuple(float(w) for w in (weights or [1.0] * len(specs)))
@@ -176,19 +217,33 @@ class RewardFunctions:
                               "functions")
 
     def __call__(self, prompts: list[str], completions: list[str],
-                 fields: dict[str, list] | None = None) -> Rewards:
+                 fields: dict[str, list] | None = None, tokens=None) -> Rewards:
         fields = fields or {}
         for key, column in fields.items():
             if len(column) != len(prompts):
                 raise RewardFunctionError(f"field {key!r} has {len(column)} values for "
                                           f"{len(prompts)} prompts")
-        columns = [self._call(name, fn, prompts, completions, fields)
-                   for name, fn in zip(self.names, self.fns)]
+        columns = [self._score(name, fn, tokens) if on_tokens
+                   else self._call(name, fn, prompts, completions, fields)
+                   for name, fn, on_tokens in zip(self.names, self.fns, self.on_tokens)]
         columns_nm = np.stack(columns, axis=1) if columns else np.zeros((len(prompts), 0))
         weighted_nm = columns_nm * np.asarray(self.weights)[None]
         opinion_n = np.any(~np.isnan(columns_nm), axis=1)
         total_n = np.where(opinion_n, np.nansum(weighted_nm, axis=1), np.nan)
         return Rewards(total_n, columns_nm, self.names)
+
+    @staticmethod
+    def _score(name, scorer, tokens) -> np.ndarray:
+        """A token scorer's column (rows `b K + k`)."""
+        if tokens is None:
+            raise RewardFunctionError(f"reward {name} scores tokens; none were given")
+        from prefopt_jax.sampling.scorers import Candidates
+        prompts, tokens_bkc, mask_bkc = tokens
+        scores_bk = np.asarray(scorer(Candidates(list(prompts), np.asarray(tokens_bkc),
+                                                 np.asarray(mask_bkc))), np.float64)
+        if not np.all(np.isfinite(scores_bk)):
+            raise RewardFunctionError(f"reward {name} gave a non-finite score")
+        return scores_bk.reshape(-1)
 
     @staticmethod
     def _call(name, fn, prompts, completions, fields) -> np.ndarray:

@@ -71,8 +71,11 @@ def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0
 
     `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean
     token id: tiny smoke runs),
-    `rm:DIR` (a reward model written by `rewards.reward_model.save`) or
-    `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`).
+    `rm:DIR` (a reward model written by `rewards.reward_model.save`),
+    `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`) or
+    `implicit:DIR` / `implicit:DIR@BETA` (a DPO policy's implicit reward
+    `beta sum_t log pi/pi_ref`, beta 0.1 by default, against the base model its export names in
+    `prefopt_run.json`).
     """
     from prefopt_jax.rewards import reward_model
 
@@ -87,10 +90,29 @@ def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0
         return mean_token_scorer
     if kind == "rm" and arg:
         return reward_model_scorer(reward_model.load(arg)[0])
+    if kind == "implicit" and arg:
+        return implicit_scorer(*arg.rsplit("@", 1)) if "@" in arg else implicit_scorer(arg)
     if kind == "ensemble" and arg:
         return ensemble([reward_model.load(d)[0] for d in arg.split(",")], aggregate, lam)
-    raise ValueError(f"unknown scorer {spec!r}; use sentiment, length, rm:DIR or "
-                     "ensemble:DIR1,DIR2,...")
+    raise ValueError(f"unknown scorer {spec!r}; use sentiment, length, rm:DIR, "
+                     "ensemble:DIR1,DIR2,... or implicit:DIR")
+
+
+def implicit_scorer(directory: str, beta: float | str = 0.1) -> scorers.ImplicitRewardScorer:
+    """The implicit reward of the DPO policy exported in `directory`, against its base model."""
+    import json
+    import os
+
+    from prefopt_jax.models.spec import ModelSpec, load_model
+    record = os.path.join(directory, "prefopt_run.json")
+    if not os.path.exists(record):
+        raise ValueError(f"{record}: not found; the implicit reward needs a policy exported by "
+                         "`prefopt train`, which names its base model there")
+    with open(record) as f:
+        base = json.load(f)["base_model"]
+    policy, _ = load_model(ModelSpec(source=directory))
+    ref, _ = load_model(ModelSpec(source=base))
+    return scorers.ImplicitRewardScorer(policy, ref, float(beta))
 
 
 def mean_token_scorer(candidates: Candidates) -> np.ndarray:

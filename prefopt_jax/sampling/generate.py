@@ -111,7 +111,11 @@ def filter_logits(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
 
 
 def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array):
-    """Picks the next token; returns `(token_b, model_logp_b, sample_logp_b)`."""
+    """Picks the next token; returns `(token_b, model_logp_b, sample_logp_b)`.
+
+    `rng` is one key for the batch, or a key per row (`[B]`), which makes each row's draws
+    independent of the other rows (the same sample whatever batch a prompt is generated in).
+    """
     logits_bv = logits_bv.astype(jnp.float32)
     logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
     if config.temperature == 0.0:
@@ -119,7 +123,10 @@ def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array):
         sample_logp_b = jnp.zeros(token_b.shape, jnp.float32)
     else:
         filtered_bv = filter_logits(logits_bv, config)
-        token_b = jax.random.categorical(rng, filtered_bv, axis=-1)
+        if rng.shape:
+            token_b = jax.vmap(jax.random.categorical)(rng, filtered_bv)
+        else:
+            token_b = jax.random.categorical(rng, filtered_bv, axis=-1)
         sample_logp_bv = jax.nn.log_softmax(filtered_bv, axis=-1)
         sample_logp_b = jnp.take_along_axis(sample_logp_bv, token_b[:, None], axis=-1)[:, 0]
     model_logp_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
@@ -159,6 +166,14 @@ def reorder_state(state, index_b):
     return cache, jnp.take(positions_b, index_b, axis=0)
 
 
+def _split(rng):
+    """Two keys from one, or from each row's key."""
+    if rng.shape:
+        pair_b2 = jax.vmap(jax.random.split)(rng)
+        return pair_b2[:, 0], pair_b2[:, 1]
+    return tuple(jax.random.split(rng))
+
+
 def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: int):
     """The token loop of `generate` for any policy: `step_fn(state, token_b) -> (logits, state)`.
 
@@ -171,7 +186,7 @@ def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: 
 
     def body(carry):
         i, state, logits_bv, out, done_b, rng = carry
-        rng, step_rng = jax.random.split(rng)
+        rng, step_rng = _split(rng)
         token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng)
         live_b = ~done_b
         out = (
@@ -198,11 +213,16 @@ def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: 
     return jax.lax.while_loop(cond, body, carry)[3]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id"))
-def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, config, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id", "group_size"))
+def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, config, pad_id,
+            group_size=1):
     model = nnx.merge(graphdef, state)
     cache_length = tokens_bt.shape[1] + config.max_new_tokens
     logits_bv, decode_state = prefill(model, tokens_bt, positions_bt, segment_ids_bt, cache_length)
+    if group_size > 1:  # each prompt's cache copied to its samples: prefilled once, not G times
+        index_b = jnp.repeat(jnp.arange(tokens_bt.shape[0]), group_size)
+        logits_bv = jnp.take(logits_bv, index_b, axis=0)
+        decode_state = reorder_state(decode_state, index_b)
     step_fn = functools.partial(model_step, model)
     return sample_loop(step_fn, logits_bv, decode_state, config, rng, pad_id)
 
@@ -225,4 +245,23 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
     graphdef, state = nnx.split(model)
     tokens, logps, sample_logps, mask = jax.device_get(_decode(
         graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, config=config, pad_id=pad_id))
+    return Generation(tokens, logps, sample_logps, mask, mask.sum(axis=-1))
+
+
+def generate_groups(model, prompts: Sequence[Sequence[int]], group_size: int,
+                    config: SamplingConfig, rng_b: jax.Array, pad_id: int = 0) -> Generation:
+    """`group_size` samples of each prompt (rows `b G + j`), each prompt prefilled once.
+
+    The prompt's KV cache is computed once and copied to its G samples, so prefill costs B
+    prompts, not B G. `rng_b` holds one key per sample row (`[B G]`): a sample depends on its own
+    key only, not on which other prompts share the batch.
+    """
+    tokens_bt, positions_bt, segment_ids_bt = left_pad(prompts, pad_id)
+    if rng_b.shape != (len(prompts) * group_size,):
+        raise ValueError(f"generate_groups needs one key per sample ({len(prompts)} prompts x "
+                         f"{group_size}), got keys of shape {rng_b.shape}")
+    graphdef, state = nnx.split(model)
+    tokens, logps, sample_logps, mask = jax.device_get(_decode(
+        graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng_b, config=config,
+        pad_id=pad_id, group_size=group_size))
     return Generation(tokens, logps, sample_logps, mask, mask.sum(axis=-1))

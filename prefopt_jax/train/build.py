@@ -100,13 +100,7 @@ class AlgoConfig:
         return self.loss or ("mix" if self.mix else "dpo")
 
     def objective(self) -> losses.Objective:
-        """The composed objective; refuses RL objectives, which need the online loop."""
-        if not self.mix and self.name in losses.names() and \
-                losses.info(self.name).inputs == "rollout":
-            raise ObjectiveError(
-                f"objective {self.name!r} trains on rollouts sampled from the policy: it runs in "
-                "the online RL loop, which `prefopt train` does not have yet (preference "
-                "objectives train from configs/algos/*.gin)")
+        """The composed objective (registered name, hyper-parameters, mix and modifiers)."""
         return losses.compose(self.loss, self.own_hyper(),
                               [(n, w, dict(h[0]) if h else {}) for n, w, *h in self.mix],
                               [(n, dict(*p)) for n, *p in self.modifiers])
@@ -153,7 +147,8 @@ def note(text: str) -> None:
     print(f"note: {text}", flush=True)
 
 
-def check_needs(objective: losses.Objective, algo: AlgoConfig, lora) -> None:
+def check_needs(objective: losses.Objective, algo: AlgoConfig, lora, online: bool = False
+                ) -> None:
     """Refuse, before any compute, configs that cannot supply what the objective declares."""
     algo = algo.resolved(lora)
     decl, ref = objective.info, reference.Reference(algo.reference)
@@ -161,6 +156,11 @@ def check_needs(objective: losses.Objective, algo: AlgoConfig, lora) -> None:
         raise ObjectiveError(f"objective {objective.name!r} trains a reward model (reward "
                              "inputs), not a policy: `prefopt train` runs it as a reward-model "
                              "task (train.reward_model)")
+    if decl.inputs == "rollout" and not online:
+        raise ObjectiveError(
+            f"objective {objective.name!r} trains on rollouts sampled from the policy: it runs "
+            "in the online RL loop (train.trainer = @train_online, which `prefopt train` picks "
+            "for it by default), not on a preference data set")
     if algo.reference.kind == "lora" and lora is None:
         raise ObjectiveError("reference kind 'lora' needs LoRA training (ModelSpec.lora)")
     if decl.reference and algo.reference.kind == "none":
@@ -195,12 +195,13 @@ def check_needs(objective: losses.Objective, algo: AlgoConfig, lora) -> None:
 
 def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512,
-               teacher_graphdef=None) -> StepSetup:
+               teacher_graphdef=None, online: bool = False) -> StepSetup:
     """The static half of a step; a bad objective, hyper-parameter, modifier or unmet need
-    fails here, before any compute, with an `ObjectiveError` naming it."""
+    fails here, before any compute, with an `ObjectiveError` naming it. `online`: the step
+    trains on rollouts (the online loop)."""
     algo = algo.resolved(lora)
     objective = algo.objective()
-    check_needs(objective, algo, lora)
+    check_needs(objective, algo, lora, online)
     return StepSetup(graphdef=graphdef, tx=optim.build_optimizer(optim_config),
                      objective=objective, reference=reference.Reference(algo.reference),
                      lora=lora, logps_chunk=logps_chunk, fp32_state=optim_config.fp32_state,

@@ -168,8 +168,11 @@ class PolicyTask(driver.LoaderTask):
     """A policy trained on preference batches (`driver.Task`).
 
     Subclasses change where the data comes from (`first_loader`) and what happens between
-    steps (`step`), e.g. the iterative loop's rounds.
+    steps (`step`), e.g. the iterative loop's rounds; `online` ones train rollout objectives
+    on their own samples.
     """
+
+    online = False
 
     def __init__(self, model_spec: ModelSpec, data_spec: DataSpec, algo: build.AlgoConfig,
                  optim_config: optim.OptimConfig, loop: LoopConfig):
@@ -177,7 +180,8 @@ class PolicyTask(driver.LoaderTask):
         self.model_spec, self.data_spec, self.loop, self.algo = model_spec, data_spec, loop, algo
         optim_config = optim.for_run(optim_config, *self.schedule_steps())
         self.micro_batches = data_spec.micro_batches
-        build.check_needs(algo.objective(), algo, model_spec.lora)  # before loading any model
+        # Before loading any model:
+        build.check_needs(algo.objective(), algo, model_spec.lora, self.online)
         self.check_sources(model_spec, data_spec)
         model, self.tokenizer = load_model(model_spec)
         self.mesh = sharding_lib.make_mesh(loop.mesh_shape)
@@ -185,7 +189,7 @@ class PolicyTask(driver.LoaderTask):
         teachers, teacher_graphdef = build.load_teachers(algo, model_spec,
                                                          model.config.vocab_size)
         self.setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora,
-                                      loop.logps_chunk, teacher_graphdef)
+                                      loop.logps_chunk, teacher_graphdef, self.online)
         build.check_accumulation(self.setup.objective, data_spec.micro_batches)
         self.loader = self.first_loader(model, model.config.vocab_size)
         initial = params if base is None else base

@@ -79,6 +79,7 @@ def score(setup: StepSetup, policy, state: TrainState, batch) -> dict:
     hiddens = [logps_lib.model_hidden(model, batch)]
     projects = [logps_lib.float32_projection(model)]
     stats = "token_stats" in needs
+    entropy = setup.loss_kind == "rollout"  # reported, and the entropy bonus's gradient
     if "teacher_logits" in needs:
         terms = setup.objective.info.token_terms
         hyper = {k: v for k, v in setup.objective.hyper
@@ -92,7 +93,7 @@ def score(setup: StepSetup, policy, state: TrainState, batch) -> dict:
                     **terms(logits_mv, teacher_mv, ref_mv, **hyper)}
     else:
         fn = lambda logits_mv, targets_m: logps_lib.target_terms(  # noqa: E731
-            logits_mv, targets_m, stats)
+            logits_mv, targets_m, stats, entropy)
     scores = logps_lib.gathered_terms(fn, projects, hiddens, batch["source_index"],
                                       batch["target_tokens"], setup.logps_chunk,
                                       batch["completion_mask"])
@@ -151,6 +152,27 @@ def pairwise_inputs(setup: StepSetup, scores: dict, batch) -> losses.PairwiseInp
         token_rewards_l_pc=side(rewards, 1), extras=extras)
 
 
+def rollout_inputs(scores: dict, batch) -> losses.RolloutInputs:
+    """Each example is a group: one prompt and its K sampled completions (rows `p K + j`).
+
+    The batch carries the rewards `[P, K]`, which samples count (`sample_valid`: a sample with
+    no reward, or an overlong one filtered out, is 0), the behaviour log-probs `old_logps`
+    `[Q, C]` of the sampler, and with the `group_preferences` need `win_probs` `[P, K, K]`.
+    """
+    valid_p = batch["pair_valid"] > 0
+    real_pk = valid_p[:, None] & (jnp.nan_to_num(batch["sample_valid"]) > 0)
+    extras = {}
+    if "win_probs" in batch:
+        extras["win_prob_gkk"] = jnp.where(valid_p[:, None, None],
+                                           batch["win_probs"].astype(jnp.float32), 0.5)
+    return losses.RolloutInputs(
+        logps_nc=scores["logps"], mask_nc=batch["completion_mask"],
+        rewards_n=jnp.where(real_pk, batch["rewards"], 0.0).reshape(-1).astype(jnp.float32),
+        old_logps_nc=batch["old_logps"].astype(jnp.float32), ref_logps_nc=scores["ref"],
+        entropy_nc=scores.get("entropy"), valid_n=real_pk.reshape(-1).astype(jnp.float32),
+        extras=extras)
+
+
 def objective_inputs(setup: StepSetup, scores: dict, batch):
     """The objective's inputs from the per-token scores and the batch, by its inputs type.
 
@@ -171,6 +193,8 @@ def objective_inputs(setup: StepSetup, scores: dict, batch):
         return UnpairedInputs(logps_nc=scores["logps"], mask_nc=mask_qc,
                               label_n=batch["label"] > 0, ref_logps_nc=scores["ref"],
                               valid_n=valid_p, weight_n=_opt(batch, "weight"), **kl)
+    if kind == "rollout":
+        return rollout_inputs(scores, batch)
     if kind == "distill":  # every completion of every example
         k = mask_qc.shape[0] // valid_p.shape[0]
         weight = _opt(batch, "weight")
@@ -182,14 +206,14 @@ def objective_inputs(setup: StepSetup, scores: dict, batch):
                      f"supported: {TRAINABLE_KINDS}")
 
 
-TRAINABLE_KINDS = ("pairwise", "unpaired", "listwise", "distill")
+TRAINABLE_KINDS = ("pairwise", "unpaired", "listwise", "distill", "rollout")
 
 
 def zero_scores(setup: StepSetup, batch) -> dict:
     """Scores of the right shapes, all zero (for probing a stateful objective's state)."""
     zeros = jnp.zeros(batch["completion_mask"].shape, jnp.float32)
     scores = {"logps": zeros, "log_sum_p2": zeros, "kl": zeros, "teacher_weight": zeros,
-              "token_rewards": zeros,
+              "token_rewards": zeros, "entropy": zeros,
               "ref": None if setup.reference.kind == "none" else zeros}
     if setup.mismatched:
         scores["mismatched"] = (zeros, zeros, zeros)
@@ -230,6 +254,20 @@ def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Ar
     return scaled, (metrics, out.state)
 
 
+def loss_total(setup, batch_m) -> jax.Array:
+    """The count the whole batch's loss is divided by: its real examples; for rollout
+    objectives the count the objective itself averages over (sequences or tokens, by its
+    reduction), read from the objective on zero scores (counts depend on masks only)."""
+    if getattr(setup, "loss_kind", None) != "rollout":
+        return jnp.sum(batch_m["pair_valid"].astype(jnp.float32))
+
+    def count(batch):
+        inputs = objective_inputs(setup, zero_scores(setup, batch), batch)
+        return setup.objective(inputs, None).metrics["loss"][1]
+
+    return jnp.sum(jax.lax.map(count, batch_m))
+
+
 def accumulate(setup, state: TrainState, batch_m, loss_fn=micro_loss):
     """Summed gradients, summed (sum, count) metrics and the final loss state over micro-batches.
 
@@ -239,7 +277,7 @@ def accumulate(setup, state: TrainState, batch_m, loss_fn=micro_loss):
     compiled once (a length-1 scan is inlined by XLA; peeling the first micro-batch would
     compile it twice).
     """
-    total = jnp.sum(batch_m["pair_valid"].astype(jnp.float32))
+    total = loss_total(setup, batch_m)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def scan_body(carry, batch):

@@ -260,4 +260,5 @@ def test_grpo_hand():
 def test_rloo_hand():
     """Group of 2, rewards (1, 0), no reference: A = (1, -1); loss -A L(y) with L = (-2, -3)."""
     inputs = rollout([1.0, 0.0], [[-1.0, -1.0], [-1.0, -2.0]])
-    np.testing.assert_allclose(losses.get("rloo")(inputs).loss_p, [2.0, -3.0], rtol=1e-6)
+    np.testing.assert_allclose(losses.get("rloo")(inputs, group_size=2).loss_p, [2.0, -3.0],
+                               rtol=1e-6)
