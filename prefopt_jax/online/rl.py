@@ -40,6 +40,7 @@ import time
 import gin
 import jax
 import numpy as np
+from flax import nnx
 
 from prefopt_jax import data as data_lib, losses
 from prefopt_jax.data.tokenized import TokenizedData, from_lists
@@ -48,8 +49,10 @@ from prefopt_jax.losses import ObjectiveError
 from prefopt_jax.rewards import functions as reward_fns
 from prefopt_jax.sampling import onpolicy
 from prefopt_jax.sampling.generate import SamplingConfig, generate_groups
-from prefopt_jax.train import build, driver, loop as loop_lib, tiny
+from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.online.iterative import current_policy
+from prefopt_jax.train import build, loop as loop_lib, tiny
+from prefopt_jax.train.state import policy_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,10 +358,13 @@ class RolloutTask(loop_lib.PolicyTask):
                                                ) if len(draws) else ([], [], {})
         if not ids:
             return []
-        base = jax.random.key(self.loop.seed)
-        keys = jax.vmap(lambda d: jax.random.fold_in(base, d))(
-            np.repeat(draws, g) * g + np.tile(np.arange(g), len(draws)))
-        out = generate_groups(policy, ids, g, self.sampling, keys, self.pad_id)
+        # On this process's first device alone, outside the run's mesh: each process samples
+        # its own prompts, with no collective.
+        with jax.set_mesh(sharding_lib.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])):
+            base = jax.random.key(self.loop.seed)
+            keys = jax.vmap(lambda d: jax.random.fold_in(base, d))(
+                np.repeat(draws, g) * g + np.tile(np.arange(g), len(draws)))
+            out = generate_groups(policy, ids, g, self.sampling, keys, self.pad_id)
         lengths_n = out.lengths_b
         completions = [out.tokens_bn[n, :lengths_n[n]] for n in range(len(lengths_n))]
         texts_n = [decode(self.tokenizer, c) for c in completions]
@@ -420,12 +426,20 @@ class RolloutTask(loop_lib.PolicyTask):
             old_qc[slot * g:(slot + 1) * g, :width] = row[:, :width]
         return dict(batch, old_logps=old_qc * batch["completion_mask"])
 
+    def rollout_policy(self):
+        """The current policy as a module to sample from: on one device the state's own arrays
+        (no copy); across devices gathered to this host, each process sampling alone."""
+        if self.mesh.size == 1:
+            return nnx.merge(self.setup.graphdef, policy_params(self.setup, self.state),
+                             self.state.rest)
+        return current_policy(self.setup, self.state)
+
     # The driver's hooks.
 
     def step(self, number: int):
         t = (number - 1) // self.rl.steps_per_iteration
         if t != self.iteration:
-            self.loader = self.iteration_loader(t, current_policy(self.setup, self.state))
+            self.loader = self.iteration_loader(t, self.rollout_policy())
             self.iteration = t
         start = time.perf_counter()
         values, example_index = super().step(number)
@@ -454,18 +468,23 @@ def agreed(full: bool) -> bool:
 
 
 def rollout_metrics(groups: list[dict], names: tuple, max_new: int) -> dict:
-    """Reward (each function's too; accuracy for 0/1 checks), lengths, truncation."""
-    rewards = np.concatenate([x["rewards_k"] for x in groups])
-    lengths = np.concatenate([x["lengths_k"] for x in groups]).astype(np.float64)
-    columns = np.concatenate([x["columns_km"] for x in groups])
+    """Reward (each function's too; accuracy for 0/1 checks), lengths, truncation: over every
+    process's groups (all processes hold as many)."""
+    keys = ("rewards_k", "lengths_k", "truncated_k", "valid_k", "columns_km")
+    arrays = {k: np.stack([x[k] for x in groups]).astype(np.float64) for k in keys}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        arrays = {k: np.concatenate(multihost_utils.process_allgather(v))
+                  for k, v in arrays.items()}
+    rewards, lengths = arrays["rewards_k"].ravel(), arrays["lengths_k"].ravel()
+    columns = arrays["columns_km"].reshape(-1, len(names))
     valid = ~np.isnan(rewards)
     out = {"reward/mean": float(np.mean(rewards[valid])) if valid.any() else float("nan"),
            "reward/std": float(np.std(rewards[valid])) if valid.any() else float("nan"),
            "completion/length_mean": float(lengths.mean()),
            "completion/length_max": float(lengths.max()),
-           "completion/truncated": float(np.mean(np.concatenate(
-               [x["truncated_k"] for x in groups]))),
-           "samples_valid": float(np.mean(np.concatenate([x["valid_k"] for x in groups])))}
+           "completion/truncated": float(arrays["truncated_k"].mean()),
+           "samples_valid": float(arrays["valid_k"].mean())}
     for m, name in enumerate(names):
         col = columns[:, m][~np.isnan(columns[:, m])]
         if len(col):

@@ -109,3 +109,30 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         from prefopt_jax.sampling.generate import left_pad
         left_pad([[1], []])
+
+
+def test_groups_share_the_prompt_cache_and_draw_per_sample_keys(model):
+    """G samples per prompt from one prefill equal sampling the prompt G times, row for row,
+    and a sample depends on its own key only: the same key gives the same sample in another
+    batch. The sampler's log-probs are the model's teacher-forced log-probs of the sample."""
+    from prefopt_jax.sampling.generate import generate_groups
+
+    prompts, g = [[5, 9, 14], [3], [7, 7, 2, 8, 1]], 3
+    config = SamplingConfig(max_new_tokens=6, temperature=0.9, top_k=50, stop_ids=(11,))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.arange(9))
+    grouped = generate_groups(model, prompts, g, config, keys)
+    repeated = generate(model, [p for p in prompts for _ in range(g)], config, rng=keys)
+    np.testing.assert_array_equal(grouped.tokens_bn, repeated.tokens_bn)
+    np.testing.assert_allclose(grouped.logps_bn, repeated.logps_bn, atol=1e-5)
+    assert len({tuple(t) for t in grouped.tokens_bn[:g]}) > 1  # the group's samples differ
+    alone = generate_groups(model, prompts[2:], g, config, keys[6:])
+    np.testing.assert_array_equal(alone.tokens_bn, grouped.tokens_bn[6:])
+    for n in (0, 4, 8):
+        prompt, new = prompts[n // g], grouped.tokens_bn[n, :grouped.lengths_b[n]]
+        seq = jnp.asarray([prompt + [int(t) for t in new]])
+        logits = _forward(model, seq, jnp.arange(seq.shape[1])[None])
+        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), -1)
+        want = logp[len(prompt) - 1:-1][jnp.arange(len(new)), new]
+        np.testing.assert_allclose(grouped.logps_bn[n, :len(new)], want, atol=2e-5)
+    with pytest.raises(ValueError, match="one key per sample"):
+        generate_groups(model, prompts, g, config, keys[:4])

@@ -22,9 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 3
 
 
-def command(out_dir, *extra, steps=STEPS):
+def command(out_dir, *extra, steps=STEPS, config="configs/experiments/dpo_tiny.gin"):
     # SGD: Adam turns reduction-order noise in near-zero gradients into full-size updates.
-    return [sys.executable, "-m", "prefopt_jax.cli", "train", "configs/experiments/dpo_tiny.gin",
+    return [sys.executable, "-m", "prefopt_jax.cli", "train", config,
             "configs/optim/sgd_linear.gin", "--gin.OptimConfig.learning_rate=0.5",
             "--gin.OptimConfig.warmup_steps=0",
             f"--gin.LoopConfig.steps={steps}", f"--gin.LoopConfig.output_dir='{out_dir}'",
@@ -46,12 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two(out_dir, *extra, steps=STEPS):
+def start_two(out_dir, *extra, steps=STEPS, **kw):
     """Both processes of a two-process run, started (not waited for)."""
     port = free_port()
     return [subprocess.Popen(
         command(out_dir, f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
-                f"--process-id={i}", "--cpu-collectives=gloo", *extra, steps=steps),
+                f"--process-id={i}", "--cpu-collectives=gloo", *extra, steps=steps, **kw),
         cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(2)]
 
@@ -66,9 +66,9 @@ def wait_two(procs, timeout=600) -> list[str]:
     return outs
 
 
-def run_one(out_dir, *extra) -> str:
-    one = subprocess.run(command(out_dir, *extra), cwd=ROOT, env=env(2), capture_output=True,
-                         text=True)
+def run_one(out_dir, *extra, **kw) -> str:
+    one = subprocess.run(command(out_dir, *extra, **kw), cwd=ROOT, env=env(2),
+                         capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
     return one.stdout
 
@@ -114,6 +114,26 @@ def test_two_processes_over_gloo_equal_one(tmp_path):
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+def test_online_grpo_over_two_processes_equals_one(tmp_path):
+    """Each process samples and scores its own prompts (2 of the 4 per iteration) with keys of
+    their draw numbers; the global update equals the one-process run's. One mini-batch per
+    epoch, so both runs' steps see all 4 groups."""
+    config = {"config": "configs/experiments/grpo_tiny.gin", "steps": 4}
+    extra = ("--gin.RLConfig.minibatches=1", "--gin.RLConfig.epochs=2",
+             "--gin.OptimConfig.learning_rate=0.05")
+    procs = start_two(tmp_path / "two", *extra, **config)
+    run_one(tmp_path / "one", *extra, **config)
+    wait_two(procs)
+    two, single = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["iteration"] for r in two] == [0, 0, 1, 1]
+    for key in ("reward/mean", "completion/length_mean", "loss", "grad_norm", "kl", "tokens"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in single], rtol=1e-4,
+                                   atol=1e-6, err_msg=key)
+    assert two[1]["kl"] > 0  # the policy moved within the iteration
+    assert sorted(os.listdir(tmp_path / "two" / "rollouts")) == [
+        f"iter_{t:06d}.p{p}.npz" for t in (0, 1) for p in (0, 1)]
 
 
 def test_precomputed_reference_over_two_processes(tmp_path):

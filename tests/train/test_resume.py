@@ -96,3 +96,27 @@ def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):
     assert sorted(os.listdir(killed / "rounds")) == [f"round_{t:04d}.npz" for t in range(3)]
     with open(killed / "iterations.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [4, 8, 12]
+
+
+def test_online_run_killed_mid_iteration_resumes_exactly(tmp_path):
+    """GRPO in iterations of 4 steps (2 epochs x 2 mini-batches); killed after step 6's
+    checkpoint, half-way through iteration 1, whose rollouts come back from `rollouts/`; the
+    next iterations are sampled from the restored policy with the same keys."""
+    bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2", "LoopConfig.export=False"]
+    config = "configs/experiments/grpo_tiny.gin"
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(command(config, clean, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    kill_when(command(config, killed, *bindings),
+              lambda: (killed / "checkpoints" / "6").exists())
+    assert lines(killed / "metrics.jsonl") < 12
+    subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    timing = ("generation/seconds", "generation/tokens_per_s", "update_tokens_per_s")
+
+    def untimed(out):
+        return [{k: v for k, v in r.items() if k not in timing} for r in records(out)]
+
+    assert untimed(killed) == untimed(clean)
+    assert [r["iteration"] for r in records(clean)] == [0] * 4 + [1] * 4 + [2] * 4
+    assert sorted(os.listdir(killed / "rollouts")) == ["iter_000001.p0.npz", "iter_000002.p0.npz"]

@@ -1,0 +1,181 @@
+"""The online RL loop (`prefopt_jax.online.rl`) on the tiny random model.
+
+Runs go through `prefopt train configs/experiments/grpo_tiny.gin` (or the Python API where a
+test needs a Python reward): sampled groups train the policy, the update sees the sampler's
+log-probs, losses are normalised over the whole batch under accumulation, DAPO's dynamic
+sampling and overlong shaping do what they say, and bad input is named.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from prefopt_jax import cli
+from prefopt_jax.data import DataError
+from prefopt_jax.online import rl
+from prefopt_jax.rewards.functions import RewardFunctionError, RewardFunctions
+from prefopt_jax.train import build, driver, loop, optim
+from prefopt_jax.train import step as step_lib
+from prefopt_jax.train.state import policy_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = loop.ModelSpec(overrides=(("num_layers", 1),))
+EVEN = ("share", {"pattern": "[0-9]*[02468]"})
+
+
+@pytest.fixture(autouse=True)
+def at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PREFOPT_DEBUG", "1")
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(out, *bindings):
+    argv = ["train", "configs/experiments/grpo_tiny.gin", f"--gin.LoopConfig.output_dir='{out}'",
+            *(f"--gin.{b}" for b in bindings)]
+    assert cli.main(argv) == 0
+    return records(out)
+
+
+def task(tmp_path, loss="grpo", layout="prefix", micro=1, **rl_kw):
+    config = rl.RLConfig(**{"prompts_per_iteration": 4, "group_size": 4, "max_new_tokens": 8,
+                            "rewards": (EVEN,), **rl_kw})
+    return rl.RolloutTask(TINY, loop.DataSpec(layout=layout, micro_batches=micro),
+                          build.AlgoConfig(loss=loss), optim.OptimConfig(warmup_steps=0),
+                          loop.LoopConfig(output_dir=str(tmp_path), seed=3), rl=config)
+
+
+def test_grpo_raises_the_reward_it_is_given(tmp_path):
+    """The share of even token ids, ~0.5 for the random policy, climbs within 30 iterations
+    (8 prompts x 4 samples each, one step per iteration)."""
+    out = run_cli(tmp_path, "LoopConfig.steps=30", "LoopConfig.checkpoint_every=0",
+                  "LoopConfig.export=False", "RLConfig.epochs=1", "RLConfig.minibatches=1",
+                  "RLConfig.prompts_per_iteration=8")
+    reward = [r["reward/mean"] for r in out]
+    assert [r["iteration"] for r in out] == list(range(30))
+    assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.25, reward
+    assert all(np.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in out)
+    assert {"kl", "entropy", "completion/length_mean", "completion/truncated",
+            "generation/tokens_per_s", "update_tokens_per_s", "accuracy/share"} - set(out[0]) \
+        == {"accuracy/share"}  # a share is not a 0/1 check
+
+
+def test_update_reads_the_samplers_logprobs_and_the_groups_rewards(tmp_path):
+    """The behaviour log-probs put in the batch equal the policy's own log-probs of the batch
+    (what the importance ratio compares at the first step), and each group is one example."""
+    t = task(tmp_path)
+    batch_m = driver.next_batch_m(t.loader, 1, t.fillers)
+    batch = jax.tree.map(lambda x: x[0], batch_m)
+    logps = step_lib.forward_logps(t.setup, policy_params(t.setup, t.state), t.state.rest, batch)
+    mask = batch["completion_mask"] > 0
+    np.testing.assert_allclose(np.asarray(logps)[mask], batch["old_logps"][mask], atol=2e-5)
+    assert batch["rewards"].shape == (4, 4) and batch["completion_mask"].shape[0] == 16
+    data = t.rollouts.data
+    assert data.num_completions == 4 and len(data) == 4
+    i = t.index_of[int(batch["example_index"][0])]
+    np.testing.assert_array_equal(batch["rewards"][0], data.fields["rewards"][i])
+    assert batch["tokens"].shape[0] == 4  # prefix layout: one row per group
+
+
+@pytest.mark.parametrize("loss", ["dapo", "grpo"])
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(loss, tmp_path):
+    """DAPO averages over every token of the batch, GRPO over its sequences: split into two
+    micro-batches the loss and the gradient are those of the whole batch."""
+    whole, split = task(tmp_path / "a", loss), task(tmp_path / "b", loss, micro=2)
+    np.testing.assert_array_equal(whole.rollouts.old_logps_nkc, split.rollouts.old_logps_nkc)
+    one, _ = whole.step(1)
+    two, _ = split.step(1)
+    for key in ("loss", "grad_norm", "kl"):
+        np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=1e-7)
+
+
+def test_dynamic_sampling_drops_groups_whose_rewards_agree(tmp_path):
+    """A reward on the first token's parity: with G = 2 about half the groups agree. Those
+    are dropped and more prompts sampled; the groups kept all disagree."""
+    def first_even(prompts, completions, **_):
+        return [float(int(c.split()[0]) % 2 == 0) for c in completions]
+
+    t = task(tmp_path, "dapo", group_size=2, rewards=(first_even,), dynamic_sampling=True,
+             max_sampling_rounds=8)
+    metrics, rewards = t.rollouts.metrics, t.rollouts.data.fields["rewards"]
+    assert 0 < metrics["groups/dropped_fraction"] < 1 and metrics["sampling_rounds"] > 1
+    assert metrics["groups/filled_with_dropped"] == 0
+    assert np.all(rewards[:, 0] != rewards[:, 1])
+    assert t.cursor == 4 * metrics["sampling_rounds"]
+
+
+def test_overlong_samples_are_filtered_and_shaped(tmp_path):
+    """No stop token can end a tiny sample early: every sample is overlong, so the filter
+    leaves nothing to train on; the soft penalty is DAPO's ramp."""
+    np.testing.assert_allclose(rl.overlong_shaping(np.array([4, 6, 7, 8]), 8, 4, 2.0),
+                               [0.0, -1.0, -1.5, -2.0])
+    t = task(tmp_path, overlong_filter=True)
+    assert t.rollouts.metrics["completion/truncated"] == 1.0
+    assert not t.rollouts.data.fields["sample_valid"].any()
+
+
+def test_pref_grpo_reads_bradley_terry_win_probabilities(tmp_path):
+    r = np.array([[1.0, 0.0, np.nan]])
+    p = rl.win_matrix("bradley_terry", 2.0, r, ["x"], [["a", "b", "c"]], {})
+    np.testing.assert_allclose(p[0, 0, 1], 1 / (1 + np.exp(-2.0)), rtol=1e-6)
+    np.testing.assert_allclose(p[0] + p[0].T, np.ones((3, 3)), rtol=1e-6)
+    t = task(tmp_path, "pref_grpo")
+    assert t.rollouts.data.fields["win_probs"].shape == (4, 4, 4)
+
+
+def test_a_failing_reward_function_names_itself_and_the_prompt(tmp_path):
+    def picky(prompts, completions, **_):
+        if any(c.startswith("1") for c in completions):
+            raise ValueError("no ones")
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"reward function picky failed on prompt \d+: "
+                                                  "ValueError: no ones"):
+        task(tmp_path, rewards=(picky,), max_new_tokens=16)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_token_scorers_join_reward_functions():
+    """`scorer:mean_token` scores the sampled ids; its column sits beside the text rewards."""
+    rewards = RewardFunctions([EVEN, "scorer:mean_token"], [1.0, 0.5])
+    tokens_bkc = np.array([[[2, 4, 0], [3, 3, 3]]])
+    mask_bkc = np.array([[[1, 1, 0], [1, 1, 1]]])
+    out = rewards([""] * 2, ["2 4", "3 3 3"], tokens=([[1]], tokens_bkc, mask_bkc))
+    np.testing.assert_allclose(out.columns_nm, [[1.0, 3.0], [0.0, 3.0]])
+    np.testing.assert_allclose(out.total_n, [2.5, 1.5])
+
+
+def test_prompt_data_keeps_its_columns_and_names_a_bad_row(tmp_path):
+    class Ids:  # a stand-in tokenizer: characters as ids
+        bos_token_id = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 50 + 1 for c in text]}
+
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+1?", "answer": "4"}\n')
+    prompts = rl.load_prompts(str(good), Ids())
+    assert prompts.texts == ["2+2?", "3+1?"] and prompts.fields == {"answer": ["4", "4"]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "2+2?"}\n\n{"question": "3+1?"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 3, field 'prompt': expected"):
+        rl.load_prompts(str(bad), Ids())
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("RLConfig.minibatches=3", "RLConfig.minibatches \\(3\\) must divide prompts_per_iteration"),
+    ("RLConfig.group_size=1", "RLConfig.group_size must be >= 2"),
+    ("AlgoConfig.hyper={'grpo': {'group_size': 8}}",
+     "AlgoConfig.hyper group_size 8 differs from RLConfig.group_size 4"),
+    ("DataSpec.layout='packed'", "the online loop lays rollouts out as 'padded'"),
+])
+def test_bad_settings_are_named(binding, message, tmp_path):
+    with pytest.raises(Exception, match=message):
+        run_cli(tmp_path, binding)
