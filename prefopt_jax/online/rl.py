@@ -286,10 +286,11 @@ class RolloutTask(loop_lib.PolicyTask):
         self.sampling = self.rl.sampling(stops)
         self.pad_id = 0 if tokenizer is None or tokenizer.pad_token_id is None else \
             int(tokenizer.pad_token_id)
-        self.layout = rollout_layout(self.data_spec.layout, self.prompts, self.rl,
+        self.prompt_width = -(-max(len(p) for p in self.prompts.ids) // 16) * 16
+        self.layout = rollout_layout(self.data_spec, self.prompts, self.rl,
                                      self.mesh.shape["data"] * self.mesh.shape["fsdp"],
                                      self.pad_id)
-        return self.iteration_loader(0, model)
+        return self.iteration_loader(0, on_first_device(model))
 
     def data_fillers(self, graphdef, initial, rest, teachers, teacher_graphdef) -> list:
         return [self.fill_old_logps]
@@ -364,7 +365,8 @@ class RolloutTask(loop_lib.PolicyTask):
             base = jax.random.key(self.loop.seed)
             keys = jax.vmap(lambda d: jax.random.fold_in(base, d))(
                 np.repeat(draws, g) * g + np.tile(np.arange(g), len(draws)))
-            out = generate_groups(policy, ids, g, self.sampling, keys, self.pad_id)
+            out = generate_groups(policy, ids, g, self.sampling, keys, self.pad_id,
+                                  width=self.prompt_width)
         lengths_n = out.lengths_b
         completions = [out.tokens_bn[n, :lengths_n[n]] for n in range(len(lengths_n))]
         texts_n = [decode(self.tokenizer, c) for c in completions]
@@ -430,9 +432,9 @@ class RolloutTask(loop_lib.PolicyTask):
         """The current policy as a module to sample from: on one device the state's own arrays
         (no copy); across devices gathered to this host, each process sampling alone."""
         if self.mesh.size == 1:
-            return nnx.merge(self.setup.graphdef, policy_params(self.setup, self.state),
-                             self.state.rest)
-        return current_policy(self.setup, self.state)
+            return on_first_device(nnx.merge(self.setup.graphdef, policy_params(
+                self.setup, self.state), self.state.rest))
+        return on_first_device(current_policy(self.setup, self.state))
 
     # The driver's hooks.
 
@@ -457,6 +459,14 @@ class RolloutTask(loop_lib.PolicyTask):
             self.iteration = data_state["iteration"]
             self.loader = self.iteration_loader(self.iteration)
         self.loader.load_state_dict(data_state["loader"])
+
+
+def on_first_device(model):
+    """The model with its arrays committed to this process's first device (not copied when
+    they are there already), so that the sampler compiles once for every iteration's policy."""
+    graphdef, state = nnx.split(model)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return nnx.merge(graphdef, jax.device_put(state, local))
 
 
 def agreed(full: bool) -> bool:
@@ -494,21 +504,22 @@ def rollout_metrics(groups: list[dict], names: tuple, max_new: int) -> dict:
     return out
 
 
-def rollout_layout(kind: str, prompts: Prompts, rl: RLConfig, row_multiple: int,
+def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
                    pad_id: int) -> data_lib.LayoutConfig:
-    """One static batch shape for the run (the longest prompt with G full-length samples), so
-    the update compiles once: `padded` rows hold a prompt and one sample, `prefix` rows a
-    prompt and its group."""
-    if kind not in ("padded", "prefix"):
-        raise ConfigError(f"DataSpec.layout {kind!r}: the online loop lays rollouts out as "
-                          "'padded' (a row per sample) or 'prefix' (a row per group, the prompt "
-                          "once)")
-    longest = max(len(p) for p in prompts.ids)
-    completions = rl.group_size if kind == "prefix" else 1
-    length = -(-(longest + completions * rl.max_new_tokens) // 16) * 16
-    return data_lib.LayoutConfig(kind=kind, length_buckets=(length,),
-                                 completion_buckets=(rl.max_new_tokens,),
-                                 row_multiple=row_multiple, pad_id=pad_id)
+    """Rollouts as rows of `spec.layout`: `padded` a row per sample, `prefix` a row per group
+    (the prompt once), `packed` / `prefix_packed` those packed into rows of `spec.row_length`
+    (default: the longest possible unit). Padded and prefix rows get one length, the longest
+    prompt with full-length samples, so the update compiles once."""
+    longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
+    unit = longest + (g if spec.layout.startswith("prefix") else 1) * c
+    unit = -(-unit // 16) * 16
+    common = {"kind": spec.layout, "completion_buckets": (c,), "row_multiple": row_multiple,
+              "pad_id": pad_id}
+    if spec.layout in ("padded", "prefix"):
+        return data_lib.LayoutConfig(length_buckets=(unit,), **common)
+    if spec.layout in ("packed", "prefix_packed"):
+        return data_lib.LayoutConfig(row_length=max(spec.row_length or 0, unit), **common)
+    raise ConfigError(f"unknown DataSpec.layout {spec.layout!r}")
 
 
 def with_group_size(algo: build.AlgoConfig, group_size: int) -> build.AlgoConfig:

@@ -73,14 +73,17 @@ class Generation(NamedTuple):
     lengths_b: np.ndarray
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """Left-pads token lists into `(tokens_bt, positions_bt, segment_ids_bt)`; padding is segment 0."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None):
+    """Left-pads token lists into `(tokens_bt, positions_bt, segment_ids_bt)`; padding is segment 0.
+
+    `width`: at least this many columns (a fixed width keeps one compiled decode for batches of
+    different prompt lengths)."""
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), width or 0)
     tokens_bt = np.full((len(prompts), width), pad_id, np.int32)
     positions_bt = np.zeros((len(prompts), width), np.int32)
     segment_ids_bt = np.zeros((len(prompts), width), np.int32)
@@ -249,14 +252,16 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
 
 
 def generate_groups(model, prompts: Sequence[Sequence[int]], group_size: int,
-                    config: SamplingConfig, rng_b: jax.Array, pad_id: int = 0) -> Generation:
+                    config: SamplingConfig, rng_b: jax.Array, pad_id: int = 0,
+                    width: int | None = None) -> Generation:
     """`group_size` samples of each prompt (rows `b G + j`), each prompt prefilled once.
 
     The prompt's KV cache is computed once and copied to its G samples, so prefill costs B
     prompts, not B G. `rng_b` holds one key per sample row (`[B G]`): a sample depends on its own
-    key only, not on which other prompts share the batch.
+    key only, not on which other prompts share the batch. `width`: prompts left-padded to at
+    least this many positions (one compiled decode for every batch).
     """
-    tokens_bt, positions_bt, segment_ids_bt = left_pad(prompts, pad_id)
+    tokens_bt, positions_bt, segment_ids_bt = left_pad(prompts, pad_id, width)
     if rng_b.shape != (len(prompts) * group_size,):
         raise ValueError(f"generate_groups needs one key per sample ({len(prompts)} prompts x "
                          f"{group_size}), got keys of shape {rng_b.shape}")

@@ -218,7 +218,11 @@ def check_accumulation(objective: losses.Objective, micro_batches: int) -> None:
     sort each micro-batch alone: a different objective, not an approximation.
     """
     coupling = objective.info.coupling
-    if micro_batches <= 1 or coupling == "none":
+    # Rollout objectives couple the samples of a group, which the online loop keeps together in
+    # one example (grpo's `reinforce_pp` estimator, whose statistics span the batch, excepted).
+    grouped = objective.info.inputs == "rollout" and \
+        dict(objective.hyper).get("estimator") != "reinforce_pp"
+    if micro_batches <= 1 or coupling == "none" or grouped:
         return
     if coupling == "sort":
         raise ObjectiveError(f"objective {objective.name!r} sorts over the global batch; with "

@@ -174,7 +174,7 @@ def test_prompt_data_keeps_its_columns_and_names_a_bad_row(tmp_path):
     ("RLConfig.group_size=1", "RLConfig.group_size must be >= 2"),
     ("AlgoConfig.hyper={'grpo': {'group_size': 8}}",
      "AlgoConfig.hyper group_size 8 differs from RLConfig.group_size 4"),
-    ("DataSpec.layout='packed'", "the online loop lays rollouts out as 'padded'"),
+    ("DataSpec.layout='pack'", "unknown DataSpec.layout 'pack'"),
 ])
 def test_bad_settings_are_named(binding, message, tmp_path):
     with pytest.raises(Exception, match=message):

@@ -151,12 +151,14 @@ def test_batch_coupled_objectives_under_accumulation():
         build.check_accumulation(objective("bco_pair"), 2)
 
 
-@pytest.mark.parametrize("loss,kind,match", [("grpo", "frozen", "online RL loop"),
-                                             ("dpo", "none", "needs a reference")])
-def test_untrainable_choices_fail_before_any_compute(loss, kind, match):
+@pytest.mark.parametrize("loss,hyper,kind,match", [
+    ("grpo", {"group_size": 4}, "frozen", "online RL loop"),
+    ("dpo", {}, "none", "needs a reference")])
+def test_untrainable_choices_fail_before_any_compute(loss, hyper, kind, match):
     graphdef = nnx.split(Transformer(tiny.CONFIG, rngs=nnx.Rngs(0)))[0]
     with pytest.raises(ValueError, match=match):
-        build.make_setup(graphdef, build.AlgoConfig(loss, (), ReferenceConfig(kind=kind)), OPT)
+        build.make_setup(graphdef, build.AlgoConfig(loss, hyper, ReferenceConfig(kind=kind)),
+                         OPT)
 
 
 def buffers(array) -> set[int]:
