@@ -23,7 +23,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +288,15 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed_btd
 
 
+class StackedKV(NamedTuple):
+    """The whole model's KV cache `[L, B, S, K, E]` handed to layer `layer`, which writes its
+    new keys and values into it in place (no per-layer slice copied out and stacked back)."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: int
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
 
@@ -323,7 +332,13 @@ class Attention(nnx.Module):
         v_btke = self._project(x_btd, self.w_v, self.b_v, kv_names)
         new_kv = None
         k_bske, v_bske = k_btke, v_btke  # without a cache the keys are this call's rows (S = T)
-        if kv is not None:
+        if isinstance(kv, StackedKV):
+            start = (kv.layer, 0, index, 0, 0)
+            new_kv = kv._replace(
+                k=jax.lax.dynamic_update_slice(kv.k, k_btke[None].astype(kv.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(kv.v, v_btke[None].astype(kv.v.dtype), start))
+            k_bske, v_bske = (x[kv.layer].astype(self.dtype) for x in (new_kv.k, new_kv.v))
+        elif kv is not None:
             start = (0, index, 0, 0)
             new_kv = (jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), start),
                       jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), start))
@@ -469,14 +484,12 @@ class Transformer(nnx.Module):
                                out_axes=(nnx.Carry, 0),
                                transform_metadata={nnx.PARTITION_NAME: "layers"})
             return scanned(self.layers, x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
-        new_k, new_v = [], []
+        # The stacked cache goes through every layer, each writing its own slots in place.
+        stacked = None if kv is None else StackedKV(kv[0], kv[1], 0)
         for i, block in enumerate(self.layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x_btd, layer_kv = step(block, x_btd, cos_bte, sin_bte, mask_b1ts, layer_kv, index)
-            if kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return x_btd, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            layer_kv = None if kv is None else stacked._replace(layer=i)
+            x_btd, stacked = step(block, x_btd, cos_bte, sin_bte, mask_b1ts, layer_kv, index)
+        return x_btd, (None if kv is None else (stacked.k, stacked.v))
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:

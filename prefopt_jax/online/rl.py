@@ -508,15 +508,18 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
                    pad_id: int) -> data_lib.LayoutConfig:
     """Rollouts as rows of `spec.layout`: `padded` a row per sample, `prefix` a row per group
     (the prompt once), `packed` / `prefix_packed` those packed into rows of `spec.row_length`
-    (default: the longest possible unit). Padded and prefix rows get one length, the longest
-    prompt with full-length samples, so the update compiles once."""
+    (default: the longest possible unit). Padded and prefix rows take one of four lengths, a
+    quarter to all of the longest possible row (the longest prompt with full-length samples),
+    so the update compiles at most four times and samples that stop early do not pay for the
+    longest row."""
     longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
     unit = longest + (g if spec.layout.startswith("prefix") else 1) * c
     unit = -(-unit // 16) * 16
     common = {"kind": spec.layout, "completion_buckets": (c,), "row_multiple": row_multiple,
               "pad_id": pad_id}
     if spec.layout in ("padded", "prefix"):
-        return data_lib.LayoutConfig(length_buckets=(unit,), **common)
+        buckets = sorted({-(-unit * q // 64) * 16 for q in (1, 2, 3)} | {unit})
+        return data_lib.LayoutConfig(length_buckets=tuple(buckets), **common)
     if spec.layout in ("packed", "prefix_packed"):
         return data_lib.LayoutConfig(row_length=max(spec.row_length or 0, unit), **common)
     raise ConfigError(f"unknown DataSpec.layout {spec.layout!r}")

@@ -183,11 +183,15 @@ SCORER_PREFIX = "scorer:"
 
 def resolve_scorer(spec: str, tokenizer) -> tuple[str, Callable]:
     """(name, scorer) of `scorer:SPEC`: a token scorer of `rewards.scorers.from_spec` (a
-    reward model `rm:DIR`, an ensemble, the implicit reward of a DPO policy `implicit:DIR`...),
+    reward model `rm:DIR`, an ensemble `ensemble:DIR1,DIR2` aggregated by the mean, or by WCO
+    or UWO with a suffix `@wco` / `@uwo`, the implicit reward of a DPO policy `implicit:DIR`),
     called on the sampled tokens rather than on text."""
     from prefopt_jax.rewards import scorers
+    inner, aggregate = spec[len(SCORER_PREFIX):], "mean"
+    if inner.startswith("ensemble:") and "@" in inner:
+        inner, aggregate = inner.rsplit("@", 1)
     try:
-        return spec, scorers.from_spec(spec[len(SCORER_PREFIX):], tokenizer)
+        return spec, scorers.from_spec(inner, tokenizer, aggregate)
     except (ValueError, OSError) as err:
         raise ConfigError(f"reward {spec!r}: {err}") from None
 

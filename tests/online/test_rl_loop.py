@@ -179,3 +179,24 @@ def test_prompt_data_keeps_its_columns_and_names_a_bad_row(tmp_path):
 def test_bad_settings_are_named(binding, message, tmp_path):
     with pytest.raises(Exception, match=message):
         run_cli(tmp_path, binding)
+
+
+def test_implicit_reward_of_an_exported_policy_against_its_base(tmp_path):
+    """`scorer:implicit:DIR@BETA` reads the base model from the export's prefopt_run.json and
+    scores `beta sum_t (log pi - log pi_ref)` of the sampled tokens."""
+    from prefopt_jax.models import save_pretrained
+    from prefopt_jax.models.spec import load_model
+    from prefopt_jax.sampling.scorers import Candidates, completion_logps
+
+    policy, _ = load_model(loop.ModelSpec(seed=5))
+    save_pretrained(policy, tmp_path, extra_files={
+        "prefopt_run.json": json.dumps({"base_model": "tiny"})})
+    rewards = RewardFunctions([f"scorer:implicit:{tmp_path}@0.5"])
+    tokens_bkc = np.array([[[3, 9, 4], [8, 8, 1]]])
+    mask_bkc = np.array([[[1, 1, 1], [1, 1, 0]]])
+    out = rewards(["", ""], ["", ""], tokens=([[2, 7]], tokens_bkc, mask_bkc))
+    cands = Candidates([[2, 7]], tokens_bkc, mask_bkc)
+    want = 0.5 * ((completion_logps(policy, cands) - completion_logps(
+        load_model(loop.ModelSpec())[0], cands)) * mask_bkc).sum(-1)
+    np.testing.assert_allclose(out.total_n, want.reshape(-1), rtol=1e-4, atol=1e-6)
+    assert np.all(out.total_n != 0)
