@@ -73,9 +73,9 @@ def curves(runs: dict, path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="grpo,dr_grpo,rloo,ngrpo")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--runs", default="runs/grpo_arithmetic", help="output directories' parent")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     args = p.parse_args()
     with open(os.path.join(HERE, "data", "heldout.jsonl")) as f:
         heldout = [json.loads(line) for line in f]

@@ -157,10 +157,13 @@ def prompt_text(tokenizer, prompt) -> str:
 
 def load_prompts(source: str, tokenizer, field: str = "prompt", tiny_count: int = 16,
                  seed: int = 0) -> Prompts:
-    """The prompts of a data source; `tiny`: random token prompts shown to rewards as ids."""
+    """The prompts of a data source; `tiny`: random token prompts shown to rewards as ids, with
+    a synthetic `answer` column (the digit sum of the ids mod 10), so answer-checking rewards
+    run on the tiny model too."""
     if source == "tiny":
-        ids = [p for p, _, _ in tiny.pairs(tiny_count, seed)]
-        return Prompts(ids, [" ".join(map(str, p)) for p in ids], {})
+        ids = [[int(t) for t in p] for p, _, _ in tiny.pairs(tiny_count, seed)]
+        return Prompts(ids, [" ".join(map(str, p)) for p in ids],
+                       {"answer": [str(sum(p) % 10) for p in ids]})
     if tokenizer is None:
         raise ConfigError(f"DataSpec.source={source!r} needs a tokenizer and the model has none; "
                           "use DataSpec.source='tiny' or a model that ships its tokenizer")
