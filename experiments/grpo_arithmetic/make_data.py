@@ -4,7 +4,8 @@
 
 Writes `data/train.jsonl` and `data/heldout.jsonl`, one problem per line:
 `{"prompt": [{"role": "user", "content": ...}], "answer": "19"}`. Each problem is a template
-(a story with one or two operations on small whole numbers) filled with numbers; a held-out
+(a story with one addition or subtraction of small whole numbers: SmolLM2-135M's sampled
+replies solve about one in twenty, enough signal for a group of 8) filled with numbers; a held-out
 problem never repeats a train problem's (template, numbers), and the two sets are drawn from
 disjoint number pairs, so held-out accuracy measures arithmetic, not recall.
 """
@@ -18,22 +19,17 @@ import os
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INSTRUCTION = "Solve the problem. End your reply with 'Answer: ' and the number."
+INSTRUCTION = "Reply with the number only."
 # (story, answer) with a, b (and c) filled in; answers stay whole and non-negative.
 TEMPLATES = [
     ("{n} has {a} apples and buys {b} more. How many apples does {n} have now?",
-     lambda a, b, c: a + b),
+     lambda a, b: a + b),
     ("{n} had {a} stickers and gave {b} of them away. How many stickers are left?",
-     lambda a, b, c: a - b),
-    ("A box holds {a} pencils. How many pencils are in {b} boxes?", lambda a, b, c: a * b),
+     lambda a, b: a - b),
     ("{n} reads {a} pages on Monday and {b} pages on Tuesday. How many pages in total?",
-     lambda a, b, c: a + b),
-    ("A bus has {a} passengers. At the stop {b} get off and {c} get on. How many passengers "
-     "are on the bus now?", lambda a, b, c: a - b + c),
-    ("{n} buys {b} packs of {a} cards and then loses {c} cards. How many cards does {n} have?",
-     lambda a, b, c: a * b - c),
-    ("There are {a} birds on a tree. {b} more birds land and then {c} fly away. How many birds "
-     "are on the tree?", lambda a, b, c: a + b - c),
+     lambda a, b: a + b),
+    ("There are {a} birds on a tree and {b} fly away. How many birds are on the tree now?",
+     lambda a, b: a - b),
 ]
 NAMES = ["Tom", "Ana", "Lee", "Maya", "Sam", "Noor", "Ivan", "Zoe"]
 
@@ -43,32 +39,25 @@ def draw(rng, count: int, taken: set, number_pairs: set) -> list[dict]:
     rows = []
     while len(rows) < count:
         t = int(rng.integers(len(TEMPLATES)))
-        a, b = int(rng.integers(2, 40)), int(rng.integers(2, 13))
-        c = int(rng.integers(1, min(a, 10) + 1))
-        if (a, b) not in number_pairs or (t, a, b, c) in taken:
+        a, b = int(rng.integers(2, 21)), int(rng.integers(1, 10))
+        if (a, b) not in number_pairs or (t, a, b) in taken or b >= a:
             continue
+        taken.add((t, a, b))
         story, answer = TEMPLATES[t]
-        if t == 1 and b > a:
-            a, b = b, a
-        if t == 4 and b > a:
-            continue
-        if answer(a, b, c) < 0:
-            continue
-        taken.add((t, a, b, c))
-        text = story.format(n=NAMES[int(rng.integers(len(NAMES)))], a=a, b=b, c=c)
+        text = story.format(n=NAMES[int(rng.integers(len(NAMES)))], a=a, b=b)
         rows.append({"prompt": [{"role": "user", "content": f"{text} {INSTRUCTION}"}],
-                     "answer": str(answer(a, b, c))})
+                     "answer": str(answer(a, b))})
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=int, default=256)
-    p.add_argument("--heldout", type=int, default=64)
+    p.add_argument("--train", type=int, default=200)
+    p.add_argument("--heldout", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
-    pairs = [(a, b) for a in range(2, 40) for b in range(2, 13)]
+    pairs = [(a, b) for a in range(2, 21) for b in range(1, 10) if b < a]
     order = rng.permutation(len(pairs))
     cut = len(pairs) * 4 // 5  # number pairs: 80% for train, 20% held out
     train_pairs = {pairs[i] for i in order[:cut]}

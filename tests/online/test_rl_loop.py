@@ -125,6 +125,11 @@ def test_pref_grpo_reads_bradley_terry_win_probabilities(tmp_path):
     p = rl.win_matrix("bradley_terry", 2.0, r, ["x"], [["a", "b", "c"]], {})
     np.testing.assert_allclose(p[0, 0, 1], 1 / (1 + np.exp(-2.0)), rtol=1e-6)
     np.testing.assert_allclose(p[0] + p[0].T, np.ones((3, 3)), rtol=1e-6)
+    def longer_wins(prompts, first, second, **_):  # a pairwise preference scorer
+        return [float(len(a) > len(b)) for a, b in zip(first, second)]
+
+    p = rl.win_matrix(longer_wins, 1.0, np.zeros((1, 3)), ["x"], [["aa", "a", "aaa"]], {})
+    np.testing.assert_array_equal(p[0], [[0.5, 1, 0], [0, 0.5, 0], [1, 1, 0.5]])
     t = task(tmp_path, "pref_grpo")
     assert t.rollouts.data.fields["win_probs"].shape == (4, 4, 4)
 
