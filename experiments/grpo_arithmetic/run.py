@@ -103,6 +103,20 @@ def main() -> None:
         with open(os.path.join(HERE, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         curves(runs, os.path.join(HERE, "curves.png"))
+    print(table(results), flush=True)
+
+
+def table(results: dict) -> str:
+    """The README's result table (markdown) from results.json's content."""
+    lines = ["| objective | held-out accuracy | train reward, first 5 -> last 5 iterations | "
+             "reply tokens (last 5) | KL at the end | train wall time |",
+             "|---|---|---|---|---|---|",
+             f"| base model | {results['base_heldout_accuracy']:.3f} | | | | |"]
+    for name, r in results["methods"].items():
+        lines.append(f"| {name} | {r['heldout_accuracy']:.3f} | {r['reward_first5']:.3f} -> "
+                     f"{r['reward_last5']:.3f} | {r['length_last5']:.1f} | {r['kl_last']:.4f} | "
+                     f"{r['train_seconds']} s |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
