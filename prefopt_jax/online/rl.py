@@ -403,7 +403,7 @@ class RolloutTask(loop_lib.PolicyTask):
         rewards_bk = np.stack([x["rewards_k"] for x in groups]).astype(np.float32)
         fields = {"rewards": rewards_bk,
                   "sample_valid": np.stack([x["valid_k"] for x in groups]).astype(np.float32)}
-        if "group_preferences" in self.setup_needs:
+        if "group_preferences" in self.setup.needs:
             fields["win_probs"] = win_matrix(
                 self.rl.preference, self.rl.preference_scale, rewards_bk,
                 [x["prompt_text"] for x in groups], [x["texts"] for x in groups],
@@ -413,10 +413,6 @@ class RolloutTask(loop_lib.PolicyTask):
                           [x["draw"] for x in groups], fields)
         old = np.stack([x["old_logps_kc"] for x in groups]).astype(np.float32)
         return Rollouts(data, old, metrics, cursor)
-
-    @property
-    def setup_needs(self) -> tuple:
-        return self.algo.objective().info.needs
 
     def fill_old_logps(self, batch: dict) -> dict:
         """The behaviour log-probs `[Q, C]` of the batch's groups, aligned with its targets."""

@@ -76,20 +76,27 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     assert f"resuming from step {newest} " in restart.stdout, restart.stdout
 
 
-def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):
-    """Rounds of 4 steps; killed after step 6's checkpoint (round 1 of 3, half trained)."""
-    bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2",
-                "LoopConfig.keep_checkpoints=2", "ModelSpec.overrides={'num_layers': 1}"]
-    config = "configs/experiments/iterative_tiny.gin"
+def clean_then_killed_at_step_6(config, tmp_path, bindings):
+    """A clean run, and a run SIGKILLed after step 6's checkpoint then restarted to the end."""
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(command(config, clean, *bindings), cwd=ROOT, env=env(), check=True,
                    capture_output=True)
     kill_when(command(config, killed, *bindings),
               lambda: (killed / "checkpoints" / "6").exists())
     assert lines(killed / "metrics.jsonl") < 12
-    assert not (killed / "export").exists()
+    interrupted_export = (killed / "export").exists()
     subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
                    capture_output=True)
+    return clean, killed, interrupted_export
+
+
+def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):
+    """Rounds of 4 steps; killed after step 6's checkpoint (round 1 of 3, half trained)."""
+    bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2",
+                "LoopConfig.keep_checkpoints=2", "ModelSpec.overrides={'num_layers': 1}"]
+    clean, killed, interrupted_export = clean_then_killed_at_step_6(
+        "configs/experiments/iterative_tiny.gin", tmp_path, bindings)
+    assert not interrupted_export
     assert records(killed) == records(clean)
     assert [r["round"] for r in records(clean)] == [0] * 4 + [1] * 4 + [2] * 4
     assert (killed / "export" / "model.safetensors").exists()
@@ -103,15 +110,8 @@ def test_online_run_killed_mid_iteration_resumes_exactly(tmp_path):
     checkpoint, half-way through iteration 1, whose rollouts come back from `rollouts/`; the
     next iterations are sampled from the restored policy with the same keys."""
     bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2", "LoopConfig.export=False"]
-    config = "configs/experiments/grpo_tiny.gin"
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(command(config, clean, *bindings), cwd=ROOT, env=env(), check=True,
-                   capture_output=True)
-    kill_when(command(config, killed, *bindings),
-              lambda: (killed / "checkpoints" / "6").exists())
-    assert lines(killed / "metrics.jsonl") < 12
-    subprocess.run(command(config, killed, *bindings), cwd=ROOT, env=env(), check=True,
-                   capture_output=True)
+    clean, killed, _ = clean_then_killed_at_step_6("configs/experiments/grpo_tiny.gin",
+                                                   tmp_path, bindings)
     timing = ("generation/seconds", "generation/tokens_per_s", "update_tokens_per_s")
 
     def untimed(out):
