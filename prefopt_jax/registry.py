@@ -21,7 +21,7 @@ from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
 from prefopt_jax.models.spec import ModelSpec
 from prefopt_jax.online import iterative, rl
-from prefopt_jax.train import build, driver, loop, optim, reward_model
+from prefopt_jax.train import build, critic, driver, loop, optim, reward_model
 from prefopt_jax.train.reference import ReferenceConfig
 
 CONFIGURABLES = {
@@ -36,6 +36,7 @@ CONFIGURABLES = {
     "LoopConfig": loop.LoopConfig,
     "IterativeConfig": iterative.IterativeConfig,
     "RLConfig": rl.RLConfig,
+    "CriticConfig": critic.CriticConfig,
 }
 
 for _name, _cls in CONFIGURABLES.items():

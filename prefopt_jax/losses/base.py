@@ -163,7 +163,7 @@ class RolloutInputs:
       entropy_nc: [N, C] the current policy's entropy at each completion position (with
         gradient, for an entropy bonus); None where the engine did not compute it.
       valid_n, weight_n: as in UnpairedInputs.
-      extras: loss-specific arrays (rto: `dpo_logps_nc`; pref_grpo: `win_prob_gkk`).
+      extras: loss-specific arrays (rto: `dpo_log_ratio_nc`; pref_grpo: `win_prob_gkk`).
     """
 
     logps_nc: Array

@@ -53,7 +53,8 @@ NEEDS = {
     "rollouts": "completions sampled from the policy and their rewards",
     "group_preferences": "win probabilities P(y_i beats y_j) between the samples of each group "
                          "from a preference scorer (RLConfig.preference)",
-    "critic": "a value model trained beside the policy (per-token values; not built yet)",
+    "critic": "a value model trained beside the policy in the same step (per-token values; "
+              "AlgoConfig.critic)",
 }
 COUPLINGS = ("none", "batch", "sort")
 # Needs that couple the examples of a batch by themselves (mismatched completions pair example i

@@ -133,6 +133,13 @@ def shaped_rewards(inputs: RolloutInputs, beta: float, kl_estimator: str) -> Arr
     return rewards_n - beta * seq_reduce(kl_nc, _token_mask(inputs))
 
 
+def _approx_kl(inputs: RolloutInputs, tok_nc: Array):
+    """Metric: the token mean of `(log pi - log pi_old)^2 / 2`, how far the update has moved
+    the policy from the sampler's (the online loop's early stop reads it)."""
+    log_ratio_nc = jax.lax.stop_gradient(f32(inputs.logps_nc) - _old_logps(inputs))
+    return metric(0.5 * jnp.square(log_ratio_nc), tok_nc)
+
+
 def _entropy_bonus(inputs: RolloutInputs, coef: float) -> Array:
     """`-c H_t` per token (0 without a coefficient or without entropies)."""
     if not coef:
@@ -158,9 +165,13 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
                                          cliprange_value)
     vf_nc = 0.5 * jnp.maximum(jnp.square(values_nc - ret_nc), jnp.square(v_clip_nc - ret_nc))
     loss_n = jnp.sum(jnp.where(tok_nc > 0, pg_nc + vf_coef * vf_nc, 0.0), axis=-1)
-    extra = {"ppo/policy_loss": metric(jax.lax.stop_gradient(pg_nc), tok_nc),
+    extra = {"approx_kl": _approx_kl(inputs, tok_nc),
+             "ppo/policy_loss": metric(jax.lax.stop_gradient(pg_nc), tok_nc),
              "ppo/value_loss": metric(jax.lax.stop_gradient(vf_nc), tok_nc),
-             "ppo/clip_frac": metric(clip_nc, tok_nc)}
+             "ppo/clip_frac": metric(clip_nc, tok_nc),
+             "ppo/values": metric(jax.lax.stop_gradient(values_nc), tok_nc),
+             "ppo/returns": metric(ret_nc, tok_nc),
+             "ppo/token_reward": metric(jax.lax.stop_gradient(token_rewards_nc), tok_nc)}
     return rl_output(loss_n, jnp.sum(tok_nc), inputs, extra)
 
 
@@ -194,13 +205,15 @@ def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: 
         beta2: float = 0.01, beta3: float = 1.0, gamma: float = 1.0, lam: float = 0.95,
         cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1,
         whiten: bool = True) -> LossOutput:
-    """RTO: PPO on `r_t = clip(b1 log pi_dpo/pi_ref, +-c) - b2 log pi_old/pi_ref + 1[t=T] b3 r`.
+    """RTO: PPO on `r_t = clip(b1 D_t, +-c) - b2 log pi_old/pi_ref + 1[t=T] b3 r`.
 
-    DPO-policy log-probs of the sampled tokens in `extras["dpo_logps_nc"]`; needs the reference.
+    `D_t = log pi_dpo(y_t|s_t) - log pi_dpo_ref(y_t|s_t)`: a DPO policy's log-ratio of the
+    sampled token against its own reference, in `extras["dpo_log_ratio_nc"]` (the engine's
+    `token_rewards` need, `AlgoConfig.teacher`); needs the reference.
     """
     ref_nc = f32(require({"ref_logps_nc": inputs.ref_logps_nc}, "ref_logps_nc", "rto"))
-    dpo_nc = f32(require(inputs.extras, "dpo_logps_nc", "rto"))
-    token_rewards_nc = (jnp.clip(beta1 * (dpo_nc - ref_nc), -clip, clip)
+    dpo_nc = f32(require(inputs.extras, "dpo_log_ratio_nc", "rto"))
+    token_rewards_nc = (jnp.clip(beta1 * dpo_nc, -clip, clip)
                         - beta2 * (_old_logps(inputs) - ref_nc)
                         + last_token(inputs.mask_nc) * beta3 * f32(inputs.rewards_n)[:, None])
     return _ppo_loss(inputs, token_rewards_nc, gamma=gamma, lam=lam, cliprange=cliprange,
@@ -235,7 +248,7 @@ def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_
         loss_n, count = seq_reduce(token_loss_nc, tok_nc) / norm_n, jnp.sum(valid_n)
     extra = {"advantages/mean": metric(adv_n, valid_n),
              "kl": metric(jax.lax.stop_gradient(kl_nc), tok_nc),
-             "clip_frac": metric(clip_nc, tok_nc)}
+             "clip_frac": metric(clip_nc, tok_nc), "approx_kl": _approx_kl(inputs, tok_nc)}
     return rl_output(loss_n, count, inputs, extra)
 
 

@@ -51,7 +51,8 @@ from prefopt_jax.sampling import onpolicy
 from prefopt_jax.sampling.generate import SamplingConfig, generate_groups
 from prefopt_jax.models import sharding as sharding_lib
 from prefopt_jax.online.iterative import current_policy
-from prefopt_jax.train import build, loop as loop_lib, tiny
+from prefopt_jax.train import build, critic as critic_lib, driver, loop as loop_lib, tiny
+from prefopt_jax.train import step as step_lib
 from prefopt_jax.train.state import policy_params
 
 
@@ -79,6 +80,9 @@ class RLConfig:
         `'package.module:function'` called as `fn(prompts, completions_a, completions_b,
         **fields) -> P(a beats b)`; preference_scale: Bradley-Terry's scale.
       prompt_field: the prompt column of the prompt data.
+      target_kl: early stop: when a step's `approx_kl` (the token mean of
+        `(log pi - log pi_old)^2 / 2`) exceeds it, the iteration's remaining update steps are
+        skipped and the next step samples new rollouts (None: off).
     """
 
     prompts_per_iteration: int = 8
@@ -100,6 +104,7 @@ class RLConfig:
     preference: str = "bradley_terry"
     preference_scale: float = 1.0
     prompt_field: str = "prompt"
+    target_kl: float | None = None
 
     def __post_init__(self):
         for name in ("stop_ids", "rewards"):
@@ -110,12 +115,12 @@ class RLConfig:
                      "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ConfigError("RLConfig.group_size must be >= 2: group advantages compare a "
-                              "prompt's samples with each other")
         if self.prompts_per_iteration % self.minibatches:
             raise ConfigError(f"RLConfig.minibatches ({self.minibatches}) must divide "
                               f"prompts_per_iteration ({self.prompts_per_iteration})")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"RLConfig.target_kl must be > 0 (None: off), got "
+                              f"{self.target_kl}")
         if not 0 <= self.overlong_buffer < self.max_new_tokens:
             raise ConfigError(f"RLConfig.overlong_buffer must be in [0, max_new_tokens), got "
                               f"{self.overlong_buffer}")
@@ -247,16 +252,21 @@ class Rollouts:
     old_logps_nkc: np.ndarray  # the sampler's per-token log-probs
     metrics: dict
     cursor: int                # the next prompt draw after this iteration
+    old_values_nkc: np.ndarray | None = None  # the critic's values before the first update
 
     def save(self, path: str) -> None:
-        self.data.save(path, extra={"old_logps_nkc": self.old_logps_nkc,
-                                    "metrics": np.array(json.dumps(self.metrics)),
-                                    "cursor": np.int64(self.cursor)})
+        """Written whole to a temporary file, then renamed: never half-written."""
+        extra = {"old_logps_nkc": self.old_logps_nkc, "cursor": np.int64(self.cursor),
+                 "metrics": np.array(json.dumps(self.metrics))}
+        if self.old_values_nkc is not None:
+            extra["old_values_nkc"] = self.old_values_nkc
+        self.data.save(path, extra=extra)
 
     @classmethod
     def load(cls, path: str) -> Rollouts:
         with np.load(path) as z:
-            extra = (z["old_logps_nkc"], json.loads(str(z["metrics"])), int(z["cursor"]))
+            extra = (z["old_logps_nkc"], json.loads(str(z["metrics"])), int(z["cursor"]),
+                     z["old_values_nkc"] if "old_values_nkc" in z else None)
         return cls(TokenizedData.load(path), *extra)
 
 
@@ -268,6 +278,9 @@ class RolloutTask(loop_lib.PolicyTask):
     def __init__(self, model_spec, data_spec, algo, optim_config, loop, *,
                  rl: RLConfig = RLConfig(), prompts: Prompts | None = None):
         self.rl, self.prompts, self.iteration, self.cursor = rl, prompts, 0, 0
+        # The step number the current iteration began at, and whether the early stop (target
+        # KL) ended its updates.
+        self.iteration_start, self.stopped_early = 1, False
         check_run(algo, rl, data_spec, jax.process_count())
         algo = with_group_size(algo, rl.group_size)
         self.rollouts: Rollouts | None = None
@@ -296,7 +309,13 @@ class RolloutTask(loop_lib.PolicyTask):
         return self.iteration_loader(0, on_first_device(model))
 
     def data_fillers(self, graphdef, initial, rest, teachers, teacher_graphdef) -> list:
-        return [self.fill_old_logps]
+        return [self.fill_old_logps] + ([self.fill_old_values] if self.old_values else [])
+
+    @property
+    def old_values(self) -> bool:
+        """Whether the loss reads the critic's values at sampling time: with one update per
+        iteration they are the current values, so none are computed."""
+        return self.setup.critic is not None and self.rl.steps_per_iteration > 1
 
     # Rollouts of an iteration: kept on disk, or sampled from the policy.
 
@@ -414,18 +433,54 @@ class RolloutTask(loop_lib.PolicyTask):
         old = np.stack([x["old_logps_kc"] for x in groups]).astype(np.float32)
         return Rollouts(data, old, metrics, cursor)
 
-    def fill_old_logps(self, batch: dict) -> dict:
-        """The behaviour log-probs `[Q, C]` of the batch's groups, aligned with its targets."""
+    def per_token(self, batch: dict, table_nkc: np.ndarray | None) -> np.ndarray:
+        """`[Q, C]` rows of a per-sample table of the rollouts, aligned with the batch's targets
+        (zeros without a table: only a shape probe sees that)."""
         q, c = batch["completion_mask"].shape
         g = self.rl.group_size
-        old_qc = np.zeros((q, c), np.float32)
+        out_qc = np.zeros((q, c), np.float32)
         for slot, e in enumerate(batch["example_index"]):
-            if e < 0:
+            if e < 0 or table_nkc is None:
                 continue
-            row = self.rollouts.old_logps_nkc[self.index_of[int(e)]]
+            row = table_nkc[self.index_of[int(e)]]
             width = min(c, row.shape[-1])
-            old_qc[slot * g:(slot + 1) * g, :width] = row[:, :width]
-        return dict(batch, old_logps=old_qc * batch["completion_mask"])
+            out_qc[slot * g:(slot + 1) * g, :width] = row[:, :width]
+        return out_qc * batch["completion_mask"]
+
+    def fill_old_logps(self, batch: dict) -> dict:
+        """The behaviour log-probs `[Q, C]` of the batch's groups."""
+        return dict(batch, old_logps=self.per_token(batch, self.rollouts.old_logps_nkc))
+
+    def fill_old_values(self, batch: dict) -> dict:
+        """The critic's values `[Q, C]` of the batch's groups before the iteration's updates."""
+        return dict(batch, old_values=self.per_token(batch, self.rollouts.old_values_nkc))
+
+    def compute_old_values(self) -> None:
+        """The current critic's values of every sample of the iteration, kept with its rollouts
+        (saved again, so a run killed mid-iteration resumes on the same ones)."""
+        r = self.rollouts
+        groups = self.loader.batch_size
+        loader = data_lib.Loader(r.data, groups, self.layout, shuffle=False, num_epochs=1)
+        out_nkc = np.zeros(r.old_logps_nkc.shape, np.float32)
+        if self.values_fn is None:
+            self.values_fn = critic_lib.batch_values_fn(self.setup, self.state_sh, self.mesh)
+        keys = critic_lib.VALUE_KEYS
+        for _ in range(-(-len(r.data) // (groups * self.micro_batches))):
+            batch_m = driver.next_batch_m(loader, self.micro_batches)
+            part = {k: batch_m[k] for k in keys}
+            sh = step_lib.batch_shardings(part, self.mesh)
+            values_mqc = driver.to_host(self.values_fn(self.state, driver.to_global(part, sh)))
+            q = batch_m["completion_mask"].shape[1]
+            local = values_mqc[:, jax.process_index() * q:(jax.process_index() + 1) * q]
+            g, c = self.rl.group_size, out_nkc.shape[-1]
+            for m, index in enumerate(batch_m["example_index"]):
+                for slot, e in enumerate(index):
+                    if e >= 0:
+                        width = min(c, local.shape[-1])
+                        out_nkc[self.index_of[int(e)], :, :width] = \
+                            local[m, slot * g:(slot + 1) * g, :width]
+        r.old_values_nkc = out_nkc
+        r.save(self.rollout_path(self.iteration))
 
     def rollout_policy(self):
         """The current policy as a module to sample from: on one device the state's own arrays
@@ -437,20 +492,31 @@ class RolloutTask(loop_lib.PolicyTask):
 
     # The driver's hooks.
 
+    values_fn = None
+
     def step(self, number: int):
-        t = (number - 1) // self.rl.steps_per_iteration
-        if t != self.iteration:
-            self.loader = self.iteration_loader(t, self.rollout_policy())
-            self.iteration = t
+        done = number - self.iteration_start >= self.rl.steps_per_iteration
+        if done or self.stopped_early:
+            self.iteration += 1
+            self.iteration_start, self.stopped_early = number, False
+            self.loader = self.iteration_loader(self.iteration, self.rollout_policy())
+        if self.old_values and self.rollouts.old_values_nkc is None:
+            self.compute_old_values()
         start = time.perf_counter()
         values, example_index = super().step(number)
         seconds = time.perf_counter() - start
-        values = dict(values, **self.rollouts.metrics, iteration=t,
+        target = self.rl.target_kl
+        if target is not None and values.get("approx_kl", 0.0) > target:
+            self.stopped_early = True
+        values = dict(values, **self.rollouts.metrics, iteration=self.iteration,
                       update_tokens_per_s=values.get("tokens", 0.0) / max(seconds, 1e-9))
+        if target is not None:
+            values["early_stopped"] = float(self.stopped_early)
         return values, example_index
 
     def data_state(self) -> dict:
-        return {"iteration": self.iteration, "loader": self.loader.state_dict()}
+        return {"iteration": self.iteration, "loader": self.loader.state_dict(),
+                "iteration_start": self.iteration_start, "stopped_early": self.stopped_early}
 
     def restore(self, state, data_state: dict) -> None:
         self.state = state
@@ -458,6 +524,9 @@ class RolloutTask(loop_lib.PolicyTask):
             self.iteration = data_state["iteration"]
             self.loader = self.iteration_loader(self.iteration)
         self.loader.load_state_dict(data_state["loader"])
+        self.iteration_start = data_state.get(
+            "iteration_start", self.iteration * self.rl.steps_per_iteration + 1)
+        self.stopped_early = data_state.get("stopped_early", False)
 
 
 def on_first_device(model):
@@ -543,13 +612,12 @@ def check_run(algo, rl: RLConfig, data_spec, processes: int) -> None:
                              "modifiers)")
     info = losses.info(algo.name)
     if info.inputs != "rollout":
+        rollout = [n for n in losses.names() if losses.info(n).inputs == "rollout"]
         raise ObjectiveError(f"objective {algo.name!r} trains on {info.inputs} data, not on "
-                             "rollouts; the online loop trains grpo, dr_grpo, dapo, ngrpo, "
-                             "pref_grpo and rloo")
-    if "critic" in info.needs:
-        raise ObjectiveError(f"objective {algo.name!r} needs a critic (a value model trained "
-                             "beside the policy), which the online loop does not have yet; "
-                             "use grpo, dr_grpo, dapo, ngrpo, pref_grpo or rloo")
+                             f"rollouts; the online loop trains {', '.join(rollout)}")
+    if "group_size" in losses.hyper_defaults(losses.get(algo.name)) and rl.group_size < 2:
+        raise ConfigError(f"RLConfig.group_size must be >= 2 for {algo.name}: its advantages "
+                          "compare a prompt's samples with each other")
     per_step = rl.prompts_per_iteration // rl.minibatches
     if per_step % processes:
         raise ConfigError(f"{per_step} groups per step do not split over {processes} processes")

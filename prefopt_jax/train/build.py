@@ -21,7 +21,7 @@ from prefopt_jax import losses
 from prefopt_jax.losses import ObjectiveError
 from prefopt_jax.models import lora as lora_lib
 from prefopt_jax.models.spec import ModelSpec, load_model
-from prefopt_jax.train import optim, reference, step as step_lib
+from prefopt_jax.train import critic as critic_lib, optim, reference, step as step_lib
 from prefopt_jax.train.state import StepSetup, tree_shardings
 
 
@@ -75,6 +75,8 @@ class AlgoConfig:
       margins: other reward models whose rewards of each completion the objective reads (the
         margins need, MODPO): `'rm:DIR'` (a reward model `prefopt train` saved) or
         `'implicit:teacher'` (the teacher's implicit reward `b D`); computed once and cached.
+      critic: the value model of objectives that need a critic (`train.critic.CriticConfig`;
+        None: its defaults, a value head on the policy's trunk).
     """
 
     loss: str | None = None
@@ -84,6 +86,7 @@ class AlgoConfig:
     modifiers: tuple = ()
     teacher: TeacherConfig | None = None
     margins: tuple = ()
+    critic: critic_lib.CriticConfig | None = None
 
     def __post_init__(self):
         hyper = dict(self.hyper)
@@ -195,10 +198,10 @@ def check_needs(objective: losses.Objective, algo: AlgoConfig, lora, online: boo
 
 def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                lora: lora_lib.LoraConfig | None = None, logps_chunk: int = 512,
-               teacher_graphdef=None, online: bool = False) -> StepSetup:
+               teacher_graphdef=None, online: bool = False, critic=None) -> StepSetup:
     """The static half of a step; a bad objective, hyper-parameter, modifier or unmet need
     fails here, before any compute, with an `ObjectiveError` naming it. `online`: the step
-    trains on rollouts (the online loop)."""
+    trains on rollouts (the online loop); `critic`: the critic's setup (`load_critic`)."""
     algo = algo.resolved(lora)
     objective = algo.objective()
     check_needs(objective, algo, lora, online)
@@ -206,7 +209,7 @@ def make_setup(graphdef, algo: AlgoConfig, optim_config: optim.OptimConfig,
                      objective=objective, reference=reference.Reference(algo.reference),
                      lora=lora, logps_chunk=logps_chunk, fp32_state=optim_config.fp32_state,
                      teacher_beta=algo.teacher.beta if algo.teacher else 0.1,
-                     teacher_graphdef=teacher_graphdef)
+                     teacher_graphdef=teacher_graphdef, critic=critic)
 
 
 def check_accumulation(objective: losses.Objective, micro_batches: int) -> None:
@@ -280,8 +283,17 @@ def load_teachers(algo: AlgoConfig, model_spec: ModelSpec, vocab_size: int):
     return frozen, graphdef
 
 
+def load_critic(algo: AlgoConfig, model_spec: ModelSpec, policy_config,
+                optim_config: optim.OptimConfig):
+    """(critic setup, its initial arrays) when the objective needs a critic, else (None, None)."""
+    if "critic" not in algo.objective().info.needs:
+        return None, None
+    return critic_lib.load_critic(algo.critic or critic_lib.CriticConfig(), model_spec,
+                                  policy_config, optim_config)
+
+
 def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed: int,
-                donate: bool = False, frozen=None):
+                donate: bool = False, frozen=None, critic=None):
     """The initial TrainState, built under jit with out_shardings from the logical axes.
 
     `donate=True` hands the model's arrays over to the state: where the mesh keeps them where
@@ -289,19 +301,20 @@ def place_state(setup: StepSetup, params, base, rest, batch_m, mesh: Mesh, seed:
     copying them, so the weights are never held twice, and the arrays passed in (and the model
     they came from) are deleted. Where the mesh reshards them, the resharded copies are donated
     and the loaded arrays are freed when the caller drops the model. Use it when the model is
-    not needed again, as `prefopt train` does. `frozen`: teachers' Params (`load_teachers`).
+    not needed again, as `prefopt train` does. `frozen`: teachers' Params (`load_teachers`);
+    `critic`: the critic's initial arrays (`load_critic`).
     """
     loss_state = initial_loss_state(setup, batch_m)
 
-    def init(p, b, r, f):
-        return step_lib.init_state(setup, p, b, r, loss_state, seed, f)
+    def init(p, b, r, f, c):
+        return step_lib.init_state(setup, p, b, r, loss_state, seed, f, c)
 
-    abstract = jax.eval_shape(init, params, base, rest, frozen)
+    abstract = jax.eval_shape(init, params, base, rest, frozen, critic)
     shardings = tree_shardings(abstract, mesh)
-    arg_sh = tree_shardings((params, base, rest, frozen), mesh)
+    arg_sh = tree_shardings((params, base, rest, frozen, critic), mesh)
     with jax.set_mesh(mesh):
-        args = jax.device_put((params, base, rest, frozen), arg_sh)
-        donated = (0, 1, 2, 3) if donate else ()
+        args = jax.device_put((params, base, rest, frozen, critic), arg_sh)
+        donated = (0, 1, 2, 3, 4) if donate else ()
         state = jax.jit(init, out_shardings=shardings, donate_argnums=donated)(*args)
     return state, abstract
 

@@ -188,8 +188,10 @@ class PolicyTask(driver.LoaderTask):
         graphdef, params, base, rest = build.split_model(model, model_spec.lora, loop.seed)
         teachers, teacher_graphdef = build.load_teachers(algo, model_spec,
                                                          model.config.vocab_size)
+        critic_setup, critic = build.load_critic(algo, model_spec, model.config, optim_config)
         self.setup = build.make_setup(graphdef, algo, optim_config, model_spec.lora,
-                                      loop.logps_chunk, teacher_graphdef, self.online)
+                                      loop.logps_chunk, teacher_graphdef, self.online,
+                                      critic_setup)
         build.check_accumulation(self.setup.objective, data_spec.micro_batches)
         self.loader = self.first_loader(model, model.config.vocab_size)
         initial = params if base is None else base
@@ -200,7 +202,8 @@ class PolicyTask(driver.LoaderTask):
         # The state takes over the loaded weights (donated): they are never held twice.
         self.state, abstract = build.place_state(self.setup, params, base, rest, probe,
                                                  self.mesh, loop.seed, donate=True,
-                                                 frozen=teachers if in_step else None)
+                                                 frozen=teachers if in_step else None,
+                                                 critic=critic)
         self.abstract = self.with_aux(abstract)
         self.state = self.place_aux(self.state)
         self.step_fn, self.state_sh, self.batch_sh = step_lib.compile_train_step(

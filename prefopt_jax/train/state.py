@@ -39,6 +39,8 @@ class TrainState:
       frozen: Params of frozen models an objective reads (`{"teacher": ..., "teacher_ref":
         ...}`: a DPO teacher and its reference), else None.
       aux: arrays a task keeps across steps and checkpoints (APO's previous iterate), else None.
+      critic: the critic of objectives that need one (`train.critic`: `{"params": {"head",
+        "trunk"}, "rest", "opt"}`), trained in the same step with its own optimiser; else None.
     """
 
     step: jax.Array
@@ -51,6 +53,7 @@ class TrainState:
     rng: jax.Array
     frozen: Any = None
     aux: Any = None
+    critic: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,8 @@ class StepSetup:
       fp32_state: optimiser state and updates in float32 whatever the params' dtype.
       teacher_beta: the DPO teacher's beta (token rewards `b (log pi_dpo - log pi_ref)`).
       teacher_graphdef: the teacher's graph definition (it may differ from the policy's).
+      critic: the critic's static setup (`train.critic.CriticSetup`) when the objective needs
+        one, else None.
     """
 
     graphdef: Any
@@ -79,6 +84,7 @@ class StepSetup:
     fp32_state: bool = True
     teacher_beta: float = 0.1
     teacher_graphdef: Any = None
+    critic: Any = None
 
     @property
     def loss_kind(self) -> str:

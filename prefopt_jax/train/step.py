@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prefopt_jax import losses
 from prefopt_jax.losses.base import UnpairedInputs
 from prefopt_jax.scoring import logps as logps_lib
+from prefopt_jax.train import critic as critic_lib, optim
 from prefopt_jax.train.state import StepSetup, TrainState, policy_params, to_f32, tree_shardings
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -65,14 +66,15 @@ def teacher_reference(setup: StepSetup, state: TrainState):
     return nnx.merge(setup.graphdef, jax.lax.stop_gradient(params), state.rest)
 
 
-def score(setup: StepSetup, policy, state: TrainState, batch) -> dict:
+def score(setup: StepSetup, policy, state: TrainState, batch, critic_params=None) -> dict:
     """Everything the objective reads from models, per token `[Q, C]` (float32).
 
     Always `logps` (the policy, with gradient) and `ref` (the reference, or None when there is
     none or the objective distils); by the objective's needs also `log_sum_p2` (WPO), `kl` and
     `teacher_weight` (a teacher's vocabulary terms, `LossInfo.token_terms`), `token_rewards`
-    (`b (log pi_dpo - log pi_ref)`) and `mismatched` (KTO). Vocabulary-wide terms are computed
-    in the log-prob chunks.
+    (`b (log pi_dpo - log pi_ref)`, and the unscaled log-ratio `dpo_log_ratio` for RTO),
+    `mismatched` (KTO) and `values` (the critic's `V(s_t)`, with gradient into
+    `critic_params`). Vocabulary-wide terms are computed in the log-prob chunks.
     """
     needs = setup.needs
     model = nnx.merge(setup.graphdef, policy, state.rest)
@@ -106,10 +108,14 @@ def score(setup: StepSetup, policy, state: TrainState, batch) -> dict:
         teacher_ref = frozen_model(setup, state, "teacher_ref")
         ref_qc = scores["ref"] if teacher_ref is None else logps_lib.token_logps(
             teacher_ref, batch, setup.logps_chunk)
-        rewards_qc = setup.teacher_beta * (teacher_qc - ref_qc)
-        scores["token_rewards"] = jax.lax.stop_gradient(rewards_qc)
+        log_ratio_qc = jax.lax.stop_gradient(teacher_qc - ref_qc)
+        scores["token_rewards"] = setup.teacher_beta * log_ratio_qc
+        scores["dpo_log_ratio"] = log_ratio_qc
     if setup.mismatched:
         scores["mismatched"] = mismatched_logps(setup, policy, state, batch)
+    if setup.critic is not None:
+        scores["values"] = critic_lib.critic_values(setup.critic, critic_params,
+                                                    state.critic["rest"], batch, hiddens[0])
     return scores
 
 
@@ -157,7 +163,9 @@ def rollout_inputs(scores: dict, batch) -> losses.RolloutInputs:
 
     The batch carries the rewards `[P, K]`, which samples count (`sample_valid`: a sample with
     no reward, or an overlong one filtered out, is 0), the behaviour log-probs `old_logps`
-    `[Q, C]` of the sampler, and with the `group_preferences` need `win_probs` `[P, K, K]`.
+    `[Q, C]` of the sampler, with the `group_preferences` need `win_probs` `[P, K, K]`, and
+    with a critic the values at sampling time `old_values` `[Q, C]` (none: the current values,
+    frozen).
     """
     valid_p = batch["pair_valid"] > 0
     real_pk = valid_p[:, None] & (jnp.nan_to_num(batch["sample_valid"]) > 0)
@@ -165,12 +173,14 @@ def rollout_inputs(scores: dict, batch) -> losses.RolloutInputs:
     if "win_probs" in batch:
         extras["win_prob_gkk"] = jnp.where(valid_p[:, None, None],
                                            batch["win_probs"].astype(jnp.float32), 0.5)
+    if "dpo_log_ratio" in scores:
+        extras["dpo_log_ratio_nc"] = scores["dpo_log_ratio"]
     return losses.RolloutInputs(
         logps_nc=scores["logps"], mask_nc=batch["completion_mask"],
         rewards_n=jnp.where(real_pk, batch["rewards"], 0.0).reshape(-1).astype(jnp.float32),
         old_logps_nc=batch["old_logps"].astype(jnp.float32), ref_logps_nc=scores["ref"],
         entropy_nc=scores.get("entropy"), valid_n=real_pk.reshape(-1).astype(jnp.float32),
-        extras=extras)
+        values_nc=scores.get("values"), old_values_nc=_opt(batch, "old_values"), extras=extras)
 
 
 def objective_inputs(setup: StepSetup, scores: dict, batch):
@@ -215,6 +225,10 @@ def zero_scores(setup: StepSetup, batch) -> dict:
     scores = {"logps": zeros, "log_sum_p2": zeros, "kl": zeros, "teacher_weight": zeros,
               "token_rewards": zeros, "entropy": zeros,
               "ref": None if setup.reference.kind == "none" else zeros}
+    if "token_rewards" in setup.needs:
+        scores["dpo_log_ratio"] = zeros
+    if setup.critic is not None:
+        scores["values"] = zeros
     if setup.mismatched:
         scores["mismatched"] = (zeros, zeros, zeros)
     return scores
@@ -242,11 +256,19 @@ def mismatched_logps(setup: StepSetup, policy, state: TrainState, batch):
     return poison(pol_qc), poison(ref_qc), kl_batch["completion_mask"]
 
 
+def trainable(setup: StepSetup, state: TrainState):
+    """What the step differentiates: the policy's trainable params, and the critic's."""
+    return state.params if setup.critic is None else (state.params, state.critic["params"])
+
+
 def micro_loss(train_params, state: TrainState, batch, loss_state, total: jax.Array, setup):
     """Loss of one micro-batch scaled by the whole batch's example count, and its outputs."""
+    critic_params = None
+    if setup.critic is not None:
+        train_params, critic_params = train_params
     # Unmerged adapters: the backward pass then needs no full [in, out] weight gradient.
     policy = policy_params(setup, state.replace(params=train_params), factored=True)
-    inputs = objective_inputs(setup, score(setup, policy, state, batch), batch)
+    inputs = objective_inputs(setup, score(setup, policy, state, batch, critic_params), batch)
     out = setup.objective(inputs, loss_state)
     scaled = jnp.sum(out.loss_p) / jnp.maximum(total, 1.0)
     tokens = jnp.sum(batch["completion_mask"].astype(jnp.float32))
@@ -282,14 +304,15 @@ def accumulate(setup, state: TrainState, batch_m, loss_fn=micro_loss):
 
     def scan_body(carry, batch):
         grads, metrics, loss_state = carry
-        (_, (m_metrics, loss_state)), g = grad_fn(state.params, state, batch, loss_state, total,
+        (_, (m_metrics, loss_state)), g = grad_fn(params, state, batch, loss_state, total,
                                                   setup)
         grads = jax.tree.map(jnp.add, grads, g)
         metrics = jax.tree.map(jnp.add, metrics, m_metrics)
         return (grads, metrics, loss_state), None
 
+    params = trainable(setup, state) if loss_fn is micro_loss else state.params
     first = jax.tree.map(lambda x: x[0], batch_m)
-    shapes = jax.eval_shape(lambda *a: grad_fn(*a, setup), state.params, state, first,
+    shapes = jax.eval_shape(lambda *a: grad_fn(*a, setup), params, state, first,
                             state.loss_state, total)
     (_, (metrics_shape, _)), grads_shape = shapes
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
@@ -300,21 +323,22 @@ def accumulate(setup, state: TrainState, batch_m, loss_fn=micro_loss):
 
 def apply_gradients(setup: StepSetup, state: TrainState, grads):
     """Optimiser update; in float32 when `fp32_state`, then cast back to the params' dtypes."""
-    params = to_f32(state.params) if setup.fp32_state else state.params
-    grads = to_f32(grads) if setup.fp32_state else grads
-    updates, opt_state = setup.tx.update(grads, state.opt_state, params)
-    new = optax.apply_updates(params, updates)
-    new = jax.tree.map(lambda n, old: n.astype(old.dtype), new, state.params)
-    return new, opt_state
+    return optim.apply_updates(setup.tx, state.params, state.opt_state, grads,
+                               setup.fp32_state)
 
 
 def optimizer_step(setup, state: TrainState, batch_m, loss_fn=micro_loss):
     """Gradients over the micro-batches, then the optimiser update; (state, metrics) (pure)."""
     grads, metrics, loss_state = accumulate(setup, state, batch_m, loss_fn)
+    critic = state.critic
+    if getattr(setup, "critic", None) is not None and loss_fn is micro_loss:
+        grads, critic_grads = grads
+        critic = critic_lib.update(setup.critic, critic, critic_grads, setup.fp32_state)
+        metrics["critic/grad_norm"] = (optax.tree.norm(critic_grads), jnp.float32(1.0))
     params, opt_state = apply_gradients(setup, state, grads)
     rng, _ = jax.random.split(state.rng)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          loss_state=loss_state, rng=rng)
+                          loss_state=loss_state, rng=rng, critic=critic)
     return state, dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
 
 
@@ -325,14 +349,17 @@ def train_step(setup: StepSetup, state: TrainState, batch_m) -> tuple[TrainState
 
 
 def init_state(setup: StepSetup, params, base, rest, loss_state, seed: int,
-               frozen=None) -> TrainState:
-    """The initial TrainState from model Params (pure: run under jit with out_shardings)."""
+               frozen=None, critic=None) -> TrainState:
+    """The initial TrainState from model Params (pure: run under jit with out_shardings);
+    `critic`: the critic's initial `{"params", "rest"}` when the setup has one."""
     full = params if setup.lora is None else base
     opt_params = to_f32(params) if setup.fp32_state else params
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, base=base, rest=rest,
         ref=setup.reference.init(full), opt_state=setup.tx.init(opt_params),
-        loss_state=loss_state, rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen)
+        loss_state=loss_state, rng=jax.random.key_data(jax.random.key(seed)), frozen=frozen,
+        critic=None if critic is None else critic_lib.init(setup.critic, critic,
+                                                           setup.fp32_state))
 
 
 def batch_shardings(batch_m: Mapping[str, Any], mesh: Mesh):

@@ -188,6 +188,7 @@ def rollout_case(seed=0, g=4, k=4, c=5):
             "rewards": rng.normal(size=n), "v": rng.normal(size=(n, c)),
             "oldv": rng.normal(size=(n, c)), "valid": valid, "weight": np.ones(n),
             "win": win, "k": k}
+    case["dpo_ratio"] = case["dpo"] - case["r"]  # the DPO policy against its reference
     fill = valid == 0
     case["l"][fill] = -rng.uniform(0, 50, size=(fill.sum(), c))
     return case
@@ -198,7 +199,7 @@ def rollout_inputs(case, dtype=jnp.float32):
     return losses.RolloutInputs(
         logps_nc=a("l"), mask_nc=a("m"), rewards_n=a("rewards"), old_logps_nc=a("old"),
         ref_logps_nc=a("r"), values_nc=a("v"), old_values_nc=a("oldv"), valid_n=a("valid"),
-        extras={"dpo_logps_nc": a("dpo"), "win_prob_gkk": a("win")})
+        extras={"dpo_log_ratio_nc": a("dpo_ratio"), "win_prob_gkk": a("win")})
 
 
 # Which input family each registered name takes.

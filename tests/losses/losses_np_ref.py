@@ -434,7 +434,7 @@ def ref_ppo(case, kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, cliprang
 
 def ref_rto(case, beta1=0.05, clip=0.05, beta2=0.01, beta3=1.0, gamma=1.0, lam=0.95,
             cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, whiten=True):
-    rewards = (np.clip(beta1 * (case["dpo"] - case["r"]), -clip, clip)
+    rewards = (np.clip(beta1 * case["dpo_ratio"], -clip, clip)
                - beta2 * (case["old"] - case["r"])
                + _last_onehot(case["m"]) * beta3 * case["rewards"][:, None])
     return _ppo_np(case, rewards, gamma, lam, cliprange, cliprange_value, vf_coef, whiten)

@@ -76,7 +76,7 @@ def big_rollout(sign, n=4, c=4):
         rewards_n=jnp.asarray([1e3, -1e3] * (n // 2), BF16) * sign,
         old_logps_nc=(pol - 5.0 * sign).astype(BF16), ref_logps_nc=far,
         values_nc=jnp.full((n, c), 1e3, BF16) * sign, old_values_nc=jnp.full((n, c), -1e3, BF16),
-        extras={"dpo_logps_nc": far, "win_prob_gkk": jnp.full((n // 2, 2, 2), 0.5, BF16)})
+        extras={"dpo_log_ratio_nc": far, "win_prob_gkk": jnp.full((n // 2, 2, 2), 0.5, BF16)})
 
 
 BIG = {"pairwise": big_pair, "unpaired": big_unpaired, "listwise": big_list,

@@ -106,11 +106,13 @@ def test_iterative_run_killed_mid_round_resumes_exactly_and_exports(tmp_path):
 
 
 def test_online_run_killed_mid_iteration_resumes_exactly(tmp_path):
-    """GRPO in iterations of 4 steps (2 epochs x 2 mini-batches); killed after step 6's
-    checkpoint, half-way through iteration 1, whose rollouts come back from `rollouts/`; the
-    next iterations are sampled from the restored policy with the same keys."""
+    """PPO (the online loop with a critic) in iterations of 4 steps (2 epochs x 2
+    mini-batches); killed after step 6's checkpoint, half-way through iteration 1, whose
+    rollouts (with the critic's values at sampling time) come back from `rollouts/`, and the
+    critic and its optimiser state from the checkpoint; the next iterations are sampled from
+    the restored policy with the same keys."""
     bindings = ["LoopConfig.steps=12", "LoopConfig.checkpoint_every=2", "LoopConfig.export=False"]
-    clean, killed, _ = clean_then_killed_at_step_6("configs/experiments/grpo_tiny.gin",
+    clean, killed, _ = clean_then_killed_at_step_6("configs/experiments/ppo_tiny.gin",
                                                    tmp_path, bindings)
     timing = ("generation/seconds", "generation/tokens_per_s", "update_tokens_per_s")
 
@@ -120,3 +122,6 @@ def test_online_run_killed_mid_iteration_resumes_exactly(tmp_path):
     assert untimed(killed) == untimed(clean)
     assert [r["iteration"] for r in records(clean)] == [0] * 4 + [1] * 4 + [2] * 4
     assert sorted(os.listdir(killed / "rollouts")) == ["iter_000001.p0.npz", "iter_000002.p0.npz"]
+    # The critic trained: its values and loss moved, and the restored run saw the same ones.
+    values = [r["ppo/values"] for r in records(clean)]
+    assert len(set(values)) == len(values) and records(clean)[0]["critic/grad_norm"] > 0

@@ -1,0 +1,87 @@
+"""PPO and RTO in the online loop: the critic on the tiny random model.
+
+Runs go through `prefopt train configs/experiments/ppo_tiny.gin`: the critic's values at
+sampling time are kept with the rollouts and read by every update of the iteration, a separate
+critic model trains beside the policy, the early stop on approximate KL ends an iteration's
+updates, and a missing teacher or a mismatched critic is named.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prefopt_jax import cli
+from prefopt_jax.data.tokenized import TokenizedData
+from prefopt_jax.losses import ObjectiveError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PREFOPT_DEBUG", "1")
+
+
+def run_cli(out, *bindings, config="configs/experiments/ppo_tiny.gin"):
+    argv = ["train", config, f"--gin.LoopConfig.output_dir='{out}'", "--gin.LoopConfig.export=False",
+            "--gin.LoopConfig.checkpoint_every=0", *(f"--gin.{b}" for b in bindings)]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_updates_read_the_critics_values_at_sampling_time(tmp_path):
+    """One mini-batch, 2 epochs: step 1 sees every sample with the critic as it was when they
+    were drawn, so the step's mean value equals the mean of the kept values; step 2 reads the
+    same kept values (GAE's advantages do not move) while the critic has moved."""
+    out = run_cli(tmp_path, "LoopConfig.steps=2", "RLConfig.minibatches=1")
+    path = tmp_path / "rollouts" / "iter_000000.p0.npz"
+    with np.load(path) as z:
+        kept_nkc = z["old_values_nkc"]
+    data = TokenizedData.load(str(path))
+    lengths = np.diff(data.completion_offsets).reshape(kept_nkc.shape[:2])
+    mask_nkc = np.arange(kept_nkc.shape[-1]) < lengths[..., None]
+    assert mask_nkc.sum() == out[0]["tokens"]
+    np.testing.assert_allclose(out[0]["ppo/values"], kept_nkc[mask_nkc].mean(), rtol=1e-5)
+    assert out[1]["ppo/values"] != pytest.approx(out[0]["ppo/values"], rel=1e-4)
+    assert out[0]["ppo/returns"] == pytest.approx(out[1]["ppo/returns"], rel=1e-6)
+
+
+def test_a_separate_critic_model_trains_beside_the_policy(tmp_path):
+    """`CriticConfig.source`: another model under the value head (here a random tiny one); the
+    value loss falls over the run while the policy trains on the advantages."""
+    out = run_cli(tmp_path, "LoopConfig.steps=16", "CriticConfig.source='tiny'", "CriticConfig.seed=7",
+                  "CriticConfig.learning_rate=0.05",
+                  "ModelSpec.overrides={'num_layers': 1}")
+    value_loss = [r["ppo/value_loss"] for r in out]
+    assert np.mean(value_loss[-4:]) < 0.5 * np.mean(value_loss[:4]), value_loss
+    assert all(r["critic/grad_norm"] > 0 and np.isfinite(r["loss"]) for r in out)
+
+
+def test_early_stop_on_approximate_kl_ends_the_iterations_updates(tmp_path):
+    """With a tiny target KL, the first step of an iteration is on-policy (approx KL 0) and
+    the second moves the policy past it: the third step samples the next iteration."""
+    out = run_cli(tmp_path, "LoopConfig.steps=6", "RLConfig.target_kl=1e-9")
+    assert [r["iteration"] for r in out] == [0, 0, 1, 1, 2, 2]
+    assert [r["approx_kl"] < 1e-9 for r in out] == [True, False] * 3
+    assert [r["early_stopped"] for r in out] == [0.0, 1.0] * 3
+    plain = run_cli(tmp_path / "plain", "LoopConfig.steps=6")
+    assert [r["iteration"] for r in plain] == [0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("bindings,error,message", [
+    (["CriticConfig.source='random:smollm2-135m'"], ObjectiveError,
+     "CriticConfig.source 'random:smollm2-135m' has a vocabulary of 49152, the policy 61"),
+    (["RLConfig.target_kl=0"], Exception, "RLConfig.target_kl must be > 0"),
+])
+def test_bad_critic_settings_are_named(bindings, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        run_cli(tmp_path, *bindings)
+
+
+def test_rto_needs_a_dpo_teacher(tmp_path):
+    with pytest.raises(ObjectiveError, match="objective 'rto' needs token_rewards.*TeacherConfig"):
+        run_cli(tmp_path, "AlgoConfig.loss='rto'", "AlgoConfig.teacher=None")
