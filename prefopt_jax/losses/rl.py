@@ -165,7 +165,10 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
                                          cliprange_value)
     vf_nc = 0.5 * jnp.maximum(jnp.square(values_nc - ret_nc), jnp.square(v_clip_nc - ret_nc))
     loss_n = jnp.sum(jnp.where(tok_nc > 0, pg_nc + vf_coef * vf_nc, 0.0), axis=-1)
+    kl_n = jnp.zeros_like(f32(inputs.rewards_n)) if inputs.ref_logps_nc is None else \
+        seq_reduce(_old_logps(inputs) - jax.lax.stop_gradient(f32(inputs.ref_logps_nc)), tok_nc)
     extra = {"approx_kl": _approx_kl(inputs, tok_nc),
+             "kl/sequence": metric(kl_n, _valid(inputs)),
              "ppo/policy_loss": metric(jax.lax.stop_gradient(pg_nc), tok_nc),
              "ppo/value_loss": metric(jax.lax.stop_gradient(vf_nc), tok_nc),
              "ppo/clip_frac": metric(clip_nc, tok_nc),

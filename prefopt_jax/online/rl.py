@@ -1,4 +1,5 @@
-"""Online RL on the policy's own samples: GRPO, Dr. GRPO, DAPO, NGRPO, Pref-GRPO and RLOO.
+"""Online RL on the policy's own samples: PPO and RTO (with a critic), GRPO, Dr. GRPO, DAPO,
+NGRPO, Pref-GRPO and RLOO.
 
 Shape letters: `b` prompts, `k` samples of one prompt (its group, G), `n` samples (`b k`),
 `c` new-token positions, `p` groups in a batch.
@@ -15,14 +16,18 @@ A task of the shared driver (`train.driver`), like the iterative loop. Iteration
 4. DAPO's dynamic sampling when asked: groups whose rewards all agree are dropped and further
    prompts sampled, up to `max_sampling_rounds` rounds (a shortfall is filled with dropped
    groups, which train nothing, and logged);
-5. `epochs` passes over the groups, `minibatches` optimiser steps each, with the registered
+5. with a critic (ppo, rto; `train.critic`), its values of every sample before the first
+   update, kept with the rollouts (GAE and value clipping read them in every update);
+6. `epochs` passes over the groups, `minibatches` optimiser steps each, with the registered
    objective: each group is one example of G completions, so advantages are computed inside the
    loss from its own rewards, the importance ratio is against the behaviour log-probs, and the
-   `prefix` layout scores the prompt once per group in the update as in generation.
+   `prefix` layout scores the prompt once per group in the update as in generation. With
+   `RLConfig.target_kl`, a step whose approximate KL to the sampler exceeds it ends the
+   iteration's updates.
 
-`LoopConfig.steps` counts optimiser steps (`epochs * minibatches` per iteration). Each
-iteration's rollouts are kept in `output_dir/rollouts/` (the last two), so a run killed
-mid-iteration resumes on the same rollouts; a run killed between iterations draws the next
+`LoopConfig.steps` counts optimiser steps (`epochs * minibatches` per iteration, fewer after an
+early stop). Each iteration's rollouts are kept in `output_dir/rollouts/` (the last two), so a
+run killed mid-iteration resumes on the same rollouts; a run killed between iterations draws the next
 ones from the restored policy with the same keys (one key per prompt draw and sample), so the
 resumed run equals the uninterrupted one. Each process generates for its own prompts; a
 sample's key depends on its prompt's draw number only, so two processes draw what one does.
