@@ -72,6 +72,24 @@ def test_early_stop_on_approximate_kl_ends_the_iterations_updates(tmp_path):
     assert [r["iteration"] for r in plain] == [0, 0, 0, 0, 1, 1]
 
 
+def test_a_reward_model_checkpoint_is_the_reward(tmp_path):
+    """`scorer:rm:DIR`: a `RewardHead` checkpoint scores each sample (prompt and reply); the
+    rewards the update reads are its scores."""
+    from prefopt_jax.models.spec import ModelSpec, load_model
+    from prefopt_jax.rewards import reward_model
+
+    trunk = load_model(ModelSpec(overrides=(("num_layers", 1),), seed=4))[0]
+    reward_model.save(reward_model.new_reward_model(trunk, init_scale=1.0, seed=5),
+                      str(tmp_path / "rm"))
+    out = run_cli(tmp_path / "run", "LoopConfig.steps=1", "RLConfig.minibatches=1",
+                  "RLConfig.epochs=1", f"RLConfig.rewards=['scorer:rm:{tmp_path / 'rm'}']")
+    rollouts = TokenizedData.load(str(tmp_path / "run" / "rollouts" / "iter_000000.p0.npz"))
+    want_nk = reward_model.score_examples(reward_model.load(str(tmp_path / "rm"))[0], rollouts)
+    np.testing.assert_allclose(rollouts.fields["rewards"], want_nk, rtol=1e-4, atol=1e-5)
+    assert np.ptp(want_nk) > 0 and out[0]["reward/mean"] == pytest.approx(want_nk.mean(),
+                                                                           rel=1e-4)
+
+
 @pytest.mark.parametrize("bindings,error,message", [
     (["CriticConfig.source='random:smollm2-135m'"], ObjectiveError,
      "CriticConfig.source 'random:smollm2-135m' has a vocabulary of 49152, the policy 61"),
