@@ -311,7 +311,14 @@ class RolloutTask(loop_lib.PolicyTask):
         self.layout = rollout_layout(self.data_spec, self.prompts, self.rl,
                                      self.mesh.shape["data"] * self.mesh.shape["fsdp"],
                                      self.pad_id)
-        return self.iteration_loader(0, on_first_device(model))
+        if self.rewards.needs_reference and not self.setup.reference.has_params:
+            raise ConfigError("a PAR reward (scorer:par:...) samples the reference policy; "
+                              f"reference kind {self.setup.reference.kind!r} keeps no model "
+                              "(use frozen or lora)")
+        # Before the first update the policy is its own reference (kinds frozen and lora).
+        policy = on_first_device(model)
+        self.reference_model = policy if self.rewards.needs_reference else None
+        return self.iteration_loader(0, policy)
 
     def data_fillers(self, graphdef, initial, rest, teachers, teacher_graphdef) -> list:
         return [self.fill_old_logps] + ([self.fill_old_values] if self.old_values else [])
@@ -399,9 +406,14 @@ class RolloutTask(loop_lib.PolicyTask):
         texts_n = [decode(self.tokenizer, c) for c in completions]
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
         shape = (len(ids), g, -1)
+        reference = None
+        if self.rewards.needs_reference:  # PAR's replies: a key per iteration's first draw
+            reference = (self.reference_model, self.sampling,
+                         int(np.random.default_rng([self.loop.seed, int(draws[0])]).integers(
+                             2 ** 31)), self.pad_id)
         scored = self.rewards(rep(texts), texts_n, {k: rep(v) for k, v in fields.items()},
                               tokens=(ids, out.tokens_bn.reshape(shape),
-                                      out.mask_bn.reshape(shape)))
+                                      out.mask_bn.reshape(shape)), reference=reference)
         stopped_n = np.array([len(c) > 0 and int(c[-1]) in self.sampling.stop_ids
                               for c in completions])
         truncated_n = (lengths_n >= rl.max_new_tokens) & ~stopped_n
@@ -487,6 +499,12 @@ class RolloutTask(loop_lib.PolicyTask):
         r.old_values_nkc = out_nkc
         r.save(self.rollout_path(self.iteration))
 
+    def current_reference(self):
+        """The reference model as a module on this process's first device (PAR samples it)."""
+        params = self.setup.reference.params(self.state)
+        return on_first_device(nnx.merge(self.setup.graphdef, driver.to_host(params),
+                                         driver.to_host(self.state.rest)))
+
     def rollout_policy(self):
         """The current policy as a module to sample from: on one device the state's own arrays
         (no copy); across devices gathered to this host, each process sampling alone."""
@@ -504,6 +522,8 @@ class RolloutTask(loop_lib.PolicyTask):
         if done or self.stopped_early:
             self.iteration += 1
             self.iteration_start, self.stopped_early = number, False
+            if self.rewards.needs_reference:
+                self.reference_model = self.current_reference()
             self.loader = self.iteration_loader(self.iteration, self.rollout_policy())
         if self.old_values and self.rollouts.old_values_nkc is None:
             self.compute_old_values()

@@ -181,13 +181,38 @@ def _nanstd(x) -> float:
 SCORER_PREFIX = "scorer:"
 
 
+class PARShaping:
+    """PAR: a token scorer's reward shaped as `(1/M) sum_m s(r(x, y) - r(x, y_ref_m))` against
+    M replies of the reference policy to the same prompt, sampled at every call from the
+    reference the caller passes (the online loop's reference model)."""
+
+    def __init__(self, inner: Callable, num_ref: int = 10):
+        self.inner, self.num_ref = inner, num_ref
+
+    def __call__(self, candidates, reference) -> np.ndarray:
+        """`reference`: (model, sampling config, seed, pad id) of the reference replies."""
+        from prefopt_jax.rewards.scorers import PARScorer
+        model, config, seed, pad_id = reference
+        return PARScorer(self.inner, ref_model=model, num_ref=self.num_ref, config=config,
+                         seed=seed, pad_id=pad_id)(candidates)
+
+
 def resolve_scorer(spec: str, tokenizer) -> tuple[str, Callable]:
     """(name, scorer) of `scorer:SPEC`: a token scorer of `rewards.scorers.from_spec` (a
     reward model `rm:DIR`, an ensemble `ensemble:DIR1,DIR2` aggregated by the mean, or by WCO
-    or UWO with a suffix `@wco` / `@uwo`, the implicit reward of a DPO policy `implicit:DIR`),
-    called on the sampled tokens rather than on text."""
+    or UWO with a suffix `@wco` / `@uwo`, the implicit reward of a DPO policy `implicit:DIR`,
+    VADER `sentiment`), called on the sampled tokens rather than on text; `par:SPEC[@M]` shapes
+    one of those by PAR against M (default 10) replies of the reference policy (`PARShaping`)."""
     from prefopt_jax.rewards import scorers
     inner, aggregate = spec[len(SCORER_PREFIX):], "mean"
+    if inner.startswith("par:"):
+        inner, num_ref = inner[len("par:"):], 10
+        if "@" in inner and inner.rsplit("@", 1)[1].isdigit():
+            inner, count = inner.rsplit("@", 1)
+            num_ref = int(count)
+        if num_ref < 1:
+            raise ConfigError(f"reward {spec!r}: PAR needs at least one reference reply")
+        return spec, PARShaping(resolve_scorer(SCORER_PREFIX + inner, tokenizer)[1], num_ref)
     if inner.startswith("ensemble:") and "@" in inner:
         inner, aggregate = inner.rsplit("@", 1)
     try:
@@ -220,14 +245,20 @@ class RewardFunctions:
             raise ConfigError(f"{len(self.weights)} reward weights for {len(self.fns)} reward "
                               "functions")
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a scorer shapes against the reference policy's replies (PAR)."""
+        return any(isinstance(fn, PARShaping) for fn in self.fns)
+
     def __call__(self, prompts: list[str], completions: list[str],
-                 fields: dict[str, list] | None = None, tokens=None) -> Rewards:
+                 fields: dict[str, list] | None = None, tokens=None,
+                 reference=None) -> Rewards:
         fields = fields or {}
         for key, column in fields.items():
             if len(column) != len(prompts):
                 raise RewardFunctionError(f"field {key!r} has {len(column)} values for "
                                           f"{len(prompts)} prompts")
-        columns = [self._score(name, fn, tokens) if on_tokens
+        columns = [self._score(name, fn, tokens, reference) if on_tokens
                    else self._call(name, fn, prompts, completions, fields)
                    for name, fn, on_tokens in zip(self.names, self.fns, self.on_tokens)]
         columns_nm = np.stack(columns, axis=1) if columns else np.zeros((len(prompts), 0))
@@ -237,14 +268,20 @@ class RewardFunctions:
         return Rewards(total_n, columns_nm, self.names)
 
     @staticmethod
-    def _score(name, scorer, tokens) -> np.ndarray:
-        """A token scorer's column (rows `b K + k`)."""
+    def _score(name, scorer, tokens, reference=None) -> np.ndarray:
+        """A token scorer's column (rows `b K + k`); PAR samples from `reference`."""
         if tokens is None:
             raise RewardFunctionError(f"reward {name} scores tokens; none were given")
         from prefopt_jax.sampling.scorers import Candidates
         prompts, tokens_bkc, mask_bkc = tokens
-        scores_bk = np.asarray(scorer(Candidates(list(prompts), np.asarray(tokens_bkc),
-                                                 np.asarray(mask_bkc))), np.float64)
+        candidates = Candidates(list(prompts), np.asarray(tokens_bkc), np.asarray(mask_bkc))
+        if isinstance(scorer, PARShaping):
+            if reference is None:
+                raise RewardFunctionError(f"reward {name} shapes against the reference "
+                                          "policy's replies; none was given")
+            scores_bk = np.asarray(scorer(candidates, reference), np.float64)
+        else:
+            scores_bk = np.asarray(scorer(candidates), np.float64)
         if not np.all(np.isfinite(scores_bk)):
             raise RewardFunctionError(f"reward {name} gave a non-finite score")
         return scores_bk.reshape(-1)

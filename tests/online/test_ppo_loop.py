@@ -90,6 +90,33 @@ def test_a_reward_model_checkpoint_is_the_reward(tmp_path):
                                                                            rel=1e-4)
 
 
+def test_par_shapes_a_token_reward_against_the_reference_policys_replies(tmp_path):
+    """`scorer:par:mean_token@3`: each sample's reward is `(1/3) sum_m s(r(y) - r(y_ref_m))`
+    over 3 replies of the reference (here the initial policy) to its prompt."""
+    from prefopt_jax.models.spec import ModelSpec, load_model
+    from prefopt_jax.rewards.scorers import PARScorer, mean_token_scorer
+    from prefopt_jax.sampling.generate import SamplingConfig
+    from prefopt_jax.sampling.scorers import Candidates
+
+    run_cli(tmp_path, "LoopConfig.steps=1", "RLConfig.minibatches=1", "RLConfig.epochs=1",
+            "RLConfig.rewards=['scorer:par:mean_token@3']")
+    data = TokenizedData.load(str(tmp_path / "rollouts" / "iter_000000.p0.npz"))
+    prompts = [data.prompt_tokens_t[a:b] for a, b in zip(data.prompt_offsets[:-1],
+                                                          data.prompt_offsets[1:])]
+    k = data.num_completions
+    tokens_bkc = np.zeros((len(prompts), k, 8), np.int32)
+    mask_bkc = np.zeros_like(tokens_bkc)
+    for n, (a, b) in enumerate(zip(data.completion_offsets[:-1], data.completion_offsets[1:])):
+        tokens_bkc[n // k, n % k, :b - a] = data.completion_tokens_t[a:b]
+        mask_bkc[n // k, n % k, :b - a] = 1
+    seed = int(np.random.default_rng([0, 0]).integers(2 ** 31))  # iteration 0 starts at draw 0
+    par = PARScorer(mean_token_scorer, load_model(ModelSpec(overrides=(("num_layers", 1),)))[0],
+                    num_ref=3, config=SamplingConfig(max_new_tokens=8), seed=seed)
+    want_bk = par(Candidates(prompts, tokens_bkc, mask_bkc))
+    np.testing.assert_allclose(data.fields["rewards"], want_bk, rtol=1e-5)
+    assert 0 < want_bk.min() and want_bk.max() < 1 and np.ptp(want_bk) > 0
+
+
 @pytest.mark.parametrize("bindings,error,message", [
     (["CriticConfig.source='random:smollm2-135m'"], ObjectiveError,
      "CriticConfig.source 'random:smollm2-135m' has a vocabulary of 49152, the policy 61"),
