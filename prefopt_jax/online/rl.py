@@ -318,7 +318,17 @@ class RolloutTask(loop_lib.PolicyTask):
         # Before the first update the policy is its own reference (kinds frozen and lora).
         policy = on_first_device(model)
         self.reference_model = policy if self.rewards.needs_reference else None
+        kept = self.kept_iterations()
+        if kept:  # a resumed run: kept rollouts give the shapes, nothing is sampled again
+            self.iteration = kept[-1]
+            return self.iteration_loader(self.iteration)
         return self.iteration_loader(0, policy)
+
+    def kept_iterations(self) -> list[int]:
+        """The iterations whose rollouts this process keeps in the run directory."""
+        pattern = os.path.join(self.loop.output_dir, "rollouts",
+                               f"iter_*.p{jax.process_index()}.npz")
+        return sorted(int(os.path.basename(p)[5:11]) for p in glob.glob(pattern))
 
     def data_fillers(self, graphdef, initial, rest, teachers, teacher_graphdef) -> list:
         return [self.fill_old_logps] + ([self.fill_old_values] if self.old_values else [])
@@ -518,6 +528,10 @@ class RolloutTask(loop_lib.PolicyTask):
     values_fn = None
 
     def step(self, number: int):
+        if number == 1 and self.iteration != 0:  # a fresh start beside kept rollouts
+            self.iteration, self.iteration_start, self.stopped_early = 0, 1, False
+            self.cursor = 0
+            self.loader = self.iteration_loader(0, self.rollout_policy())
         done = number - self.iteration_start >= self.rl.steps_per_iteration
         if done or self.stopped_early:
             self.iteration += 1
