@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from prefopt_jax.losses.advantages import advantages
+from prefopt_jax.losses.advantages import advantages, multi_objective
 from prefopt_jax.losses.base import (Array, LossOutput, RolloutInputs, f32, metric,
                                      ones_like_lead, require, seq_len, seq_reduce)
 from prefopt_jax.losses.registry import register
@@ -255,6 +255,22 @@ def _group_policy_loss(inputs: RolloutInputs, adv_n: Array, *, beta: float, eps_
     return rl_output(loss_n, count, inputs, extra)
 
 
+def _estimate(inputs: RolloutInputs, name: str, rewards_n: Array, group_size: int,
+              **params) -> Array:
+    """Advantages of estimator `name` from `rewards_n`; with reward columns in `extras`
+    (`reward_columns_nm` and `reward_weights_m`: the online loop's per-reward advantages,
+    multi-objective GRPO) each column's own estimate, weighted and summed; a KL shaping of the
+    reward (`rewards_n` minus the batch's rewards) joins as one more column of weight 1."""
+    columns_nm = inputs.extras.get("reward_columns_nm")
+    if columns_nm is None:
+        return advantages(name, rewards_n, _valid(inputs), group_size, **params)
+    columns_nm, weights_m = f32(columns_nm), f32(inputs.extras["reward_weights_m"])
+    shaping_n = f32(rewards_n) - f32(inputs.rewards_n)  # exactly 0 without a shaping
+    columns_nm = jnp.concatenate([columns_nm, shaping_n[:, None]], axis=1)
+    weights_m = jnp.concatenate([weights_m, jnp.ones((1,), jnp.float32)])
+    return multi_objective(name, columns_nm, _valid(inputs), group_size, weights_m, **params)
+
+
 def _kl_split(inputs: RolloutInputs, beta: float, kl_estimator: str, kl_in: str):
     """(rewards for the advantages, the loss's KL coefficient): KL in the loss or the reward."""
     if kl_in == "loss":
@@ -278,8 +294,8 @@ def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: flo
     `reinforce_pp`); `entropy_coef` adds an entropy bonus.
     """
     rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
-    adv_n = advantages(estimator, rewards_n, _valid(inputs), group_size,
-                       **({"std_eps": std_eps} if estimator in ("grpo", "ngrpo") else {}))
+    adv_n = _estimate(inputs, estimator, rewards_n, group_size,
+                      **({"std_eps": std_eps} if estimator in ("grpo", "ngrpo") else {}))
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
                               reduction="sequence", kl_estimator=kl_estimator,
                               entropy_coef=entropy_coef)
@@ -292,7 +308,7 @@ def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: 
             entropy_coef: float = 0.0) -> LossOutput:
     """Dr. GRPO: `A_i = r_i - mean_G r` (no std); token sums over the fixed length C (no |o_i|)."""
     rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
-    adv_n = advantages("dr_grpo", rewards_n, _valid(inputs), group_size)
+    adv_n = _estimate(inputs, "dr_grpo", rewards_n, group_size)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=epsilon, eps_high=epsilon,
                               reduction="max_length", kl_estimator=kl_estimator,
                               entropy_coef=entropy_coef)
@@ -308,7 +324,7 @@ def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: 
     `epsilon_high` (clip-higher) defaults to epsilon; DAPO's paper uses 0.28. Dynamic sampling,
     overlong filtering and the soft overlong penalty are the online loop's (`RLConfig`).
     """
-    adv_n = advantages("grpo", inputs.rewards_n, _valid(inputs), group_size, std_eps=std_eps)
+    adv_n = _estimate(inputs, "grpo", inputs.rewards_n, group_size, std_eps=std_eps)
     high = epsilon if epsilon_high is None else epsilon_high
     return _group_policy_loss(inputs, adv_n, beta=0.0, eps_low=epsilon, eps_high=high,
                               reduction="token", entropy_coef=entropy_coef)
@@ -323,8 +339,8 @@ def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_rewa
     """NGRPO: GRPO whose group mean/std include a virtual sample with the max reward; clip
     `[1 - 0.16, 1 + 0.24]`. [summary] spec: the virtual sample only enters the statistics."""
     rewards_n, beta = _kl_split(inputs, beta, kl_estimator, kl_in)
-    adv_n = advantages("ngrpo", rewards_n, _valid(inputs), group_size,
-                       max_reward=max_reward, std_eps=std_eps)
+    adv_n = _estimate(inputs, "ngrpo", rewards_n, group_size, max_reward=max_reward,
+                      std_eps=std_eps)
     return _group_policy_loss(inputs, adv_n, beta=beta, eps_low=eps_low, eps_high=eps_high,
                               reduction="sequence", kl_estimator=kl_estimator,
                               entropy_coef=entropy_coef)
@@ -346,7 +362,9 @@ def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta
     v_gk = (_valid(inputs) > 0).reshape(g, k).astype(jnp.float32)
     others_gkk = v_gk[:, None, :] * (1.0 - jnp.eye(k))[None]
     wins_gk = jnp.sum(p_gkk * others_gkk, -1) / jnp.maximum(jnp.sum(others_gkk, -1), 1.0)
-    inputs = inputs.replace(rewards_n=jax.lax.stop_gradient(wins_gk.reshape(-1)))
+    # The win rates are the reward: per-function reward columns do not apply.
+    extras = {k: v for k, v in inputs.extras.items() if k != "reward_columns_nm"}
+    inputs = inputs.replace(rewards_n=jax.lax.stop_gradient(wins_gk.reshape(-1)), extras=extras)
     return grpo(inputs, group_size=group_size, beta=beta, epsilon=epsilon, std_eps=std_eps,
                 kl_estimator=kl_estimator, kl_in=kl_in, entropy_coef=entropy_coef)
 
@@ -363,7 +381,7 @@ def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int,
             else seq_reduce(_old_logps(inputs) - f32(inputs.ref_logps_nc), tok_nc))
     shaped_n = f32(inputs.rewards_n) - beta * kl_n
     valid_n = _valid(inputs)
-    adv_n = jax.lax.stop_gradient(advantages("rloo", shaped_n, valid_n, group_size))
+    adv_n = jax.lax.stop_gradient(_estimate(inputs, "rloo", shaped_n, group_size))
     loss_n = (-adv_n * seq_reduce(inputs.logps_nc, tok_nc)
               + seq_reduce(_entropy_bonus(inputs, entropy_coef), tok_nc))
     extra = {"advantages/mean": metric(adv_n, valid_n), "kl": metric(kl_n, valid_n)}

@@ -85,6 +85,9 @@ class RLConfig:
         `'package.module:function'` called as `fn(prompts, completions_a, completions_b,
         **fields) -> P(a beats b)`; preference_scale: Bradley-Terry's scale.
       prompt_field: the prompt column of the prompt data.
+      advantage_per_reward: each reward function's advantages are estimated on its own and
+        then weighted and summed (multi-objective GRPO), instead of the advantages of the
+        weighted sum; a KL or overlong shaping of the reward counts as one more function.
       target_kl: early stop: when a step's `approx_kl` (the token mean of
         `(log pi - log pi_old)^2 / 2`) exceeds it, the iteration's remaining update steps are
         skipped and the next step samples new rollouts (None: off).
@@ -110,6 +113,7 @@ class RLConfig:
     preference_scale: float = 1.0
     prompt_field: str = "prompt"
     target_kl: float | None = None
+    advantage_per_reward: bool = False
 
     def __post_init__(self):
         for name in ("stop_ids", "rewards"):
@@ -427,8 +431,9 @@ class RolloutTask(loop_lib.PolicyTask):
         stopped_n = np.array([len(c) > 0 and int(c[-1]) in self.sampling.stop_ids
                               for c in completions])
         truncated_n = (lengths_n >= rl.max_new_tokens) & ~stopped_n
-        total_n = scored.total_n + overlong_shaping(lengths_n, rl.max_new_tokens,
-                                                    rl.overlong_buffer, rl.overlong_penalty)
+        overlong_n = overlong_shaping(lengths_n, rl.max_new_tokens, rl.overlong_buffer,
+                                      rl.overlong_penalty)
+        total_n = scored.total_n + overlong_n
         valid_n = ~np.isnan(total_n) & ~(truncated_n & rl.overlong_filter)
         groups = []
         for b in range(len(ids)):
@@ -440,7 +445,8 @@ class RolloutTask(loop_lib.PolicyTask):
                 "completions": completions[s], "texts": texts_n[s],
                 "old_logps_kc": out.logps_bn[s], "lengths_k": lengths_n[s],
                 "rewards_k": total_n[s], "valid_k": valid_n[s], "truncated_k": truncated_n[s],
-                "columns_km": scored.columns_nm[s], "informative": len(r) > 1 and np.ptp(r) > 0})
+                "columns_km": scored.columns_nm[s], "overlong_k": overlong_n[s],
+                "informative": len(r) > 1 and np.ptp(r) > 0})
         return groups
 
     def to_rollouts(self, groups: list[dict], cursor: int, metrics: dict) -> Rollouts:
@@ -449,6 +455,15 @@ class RolloutTask(loop_lib.PolicyTask):
         rewards_bk = np.stack([x["rewards_k"] for x in groups]).astype(np.float32)
         fields = {"rewards": rewards_bk,
                   "sample_valid": np.stack([x["valid_k"] for x in groups]).astype(np.float32)}
+        if self.rl.advantage_per_reward:
+            columns = np.stack([x["columns_km"] for x in groups])
+            weights = np.asarray(self.rewards.weights, np.float32)
+            if self.rl.overlong_buffer:  # DAPO's overlong penalty: one more column, weight 1
+                columns = np.concatenate(
+                    [columns, np.stack([x["overlong_k"] for x in groups])[..., None]], -1)
+                weights = np.append(weights, np.float32(1.0))
+            fields["reward_columns"] = columns.astype(np.float32)
+            fields["reward_weights"] = np.tile(weights, (len(groups), 1))
         if "group_preferences" in self.setup.needs:
             fields["win_probs"] = win_matrix(
                 self.rl.preference, self.rl.preference_scale, rewards_bk,
@@ -654,7 +669,12 @@ def check_run(algo, rl: RLConfig, data_spec, processes: int) -> None:
         rollout = [n for n in losses.names() if losses.info(n).inputs == "rollout"]
         raise ObjectiveError(f"objective {algo.name!r} trains on {info.inputs} data, not on "
                              f"rollouts; the online loop trains {', '.join(rollout)}")
-    if "group_size" in losses.hyper_defaults(losses.get(algo.name)) and rl.group_size < 2:
+    grouped = "group_size" in losses.hyper_defaults(losses.get(algo.name))
+    if rl.advantage_per_reward and (not grouped or "group_preferences" in info.needs):
+        raise ConfigError(f"RLConfig.advantage_per_reward: {algo.name} does not estimate group "
+                          "advantages from the reward functions (grpo, dr_grpo, dapo, ngrpo and "
+                          "rloo do)")
+    if grouped and rl.group_size < 2:
         raise ConfigError(f"RLConfig.group_size must be >= 2 for {algo.name}: its advantages "
                           "compare a prompt's samples with each other")
     per_step = rl.prompts_per_iteration // rl.minibatches

@@ -163,9 +163,10 @@ def rollout_inputs(scores: dict, batch) -> losses.RolloutInputs:
 
     The batch carries the rewards `[P, K]`, which samples count (`sample_valid`: a sample with
     no reward, or an overlong one filtered out, is 0), the behaviour log-probs `old_logps`
-    `[Q, C]` of the sampler, with the `group_preferences` need `win_probs` `[P, K, K]`, and
-    with a critic the values at sampling time `old_values` `[Q, C]` (none: the current values,
-    frozen).
+    `[Q, C]` of the sampler, with the `group_preferences` need `win_probs` `[P, K, K]`, with
+    a critic the values at sampling time `old_values` `[Q, C]` (none: the current values,
+    frozen), and with per-reward advantages each function's reward `reward_columns`
+    `[P, K, M]` and the weights `reward_weights` `[P, M]`.
     """
     valid_p = batch["pair_valid"] > 0
     real_pk = valid_p[:, None] & (jnp.nan_to_num(batch["sample_valid"]) > 0)
@@ -175,6 +176,11 @@ def rollout_inputs(scores: dict, batch) -> losses.RolloutInputs:
                                            batch["win_probs"].astype(jnp.float32), 0.5)
     if "dpo_log_ratio" in scores:
         extras["dpo_log_ratio_nc"] = scores["dpo_log_ratio"]
+    if "reward_columns" in batch:  # per-reward advantages: [P, K, M] columns, [P, M] weights
+        columns = batch["reward_columns"].astype(jnp.float32)
+        extras["reward_columns_nm"] = jnp.where(real_pk[..., None], columns, jnp.nan).reshape(
+            -1, columns.shape[-1])
+        extras["reward_weights_m"] = jnp.nanmax(batch["reward_weights"].astype(jnp.float32), 0)
     return losses.RolloutInputs(
         logps_nc=scores["logps"], mask_nc=batch["completion_mask"],
         rewards_n=jnp.where(real_pk, batch["rewards"], 0.0).reshape(-1).astype(jnp.float32),

@@ -121,6 +121,8 @@ def test_par_shapes_a_token_reward_against_the_reference_policys_replies(tmp_pat
     (["CriticConfig.source='random:smollm2-135m'"], ObjectiveError,
      "CriticConfig.source 'random:smollm2-135m' has a vocabulary of 49152, the policy 61"),
     (["RLConfig.target_kl=0"], Exception, "RLConfig.target_kl must be > 0"),
+    (["RLConfig.advantage_per_reward=True"], Exception,
+     "RLConfig.advantage_per_reward: ppo does not estimate group advantages"),
 ])
 def test_bad_critic_settings_are_named(bindings, error, message, tmp_path):
     with pytest.raises(error, match=message):

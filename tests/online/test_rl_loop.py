@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from prefopt_jax import cli
+from prefopt_jax import cli, losses
 from prefopt_jax.data import DataError
 from prefopt_jax.online import rl
 from prefopt_jax.rewards.functions import RewardFunctionError, RewardFunctions
@@ -82,6 +82,28 @@ def test_update_reads_the_samplers_logprobs_and_the_groups_rewards(tmp_path):
     i = t.index_of[int(batch["example_index"][0])]
     np.testing.assert_array_equal(batch["rewards"][0], data.fields["rewards"][i])
     assert batch["tokens"].shape[0] == 4  # prefix layout: one row per group
+
+
+def test_advantages_per_reward_function_are_weighted_after_normalising(tmp_path):
+    """`RLConfig.advantage_per_reward`: the share of even ids (in [0, 1]) and the mean token id
+    (tens) are each normalised within the group, then weighted (1 and 0.01): the second's scale
+    no longer swamps the first, as it does in the advantages of the weighted sum."""
+    from prefopt_jax.losses.rl import _estimate
+
+    t = task(tmp_path, rewards=(EVEN, "scorer:mean_token"), reward_weights=(1.0, 0.01),
+             advantage_per_reward=True)
+    batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(t.loader, 1, t.fillers))
+    inputs = step_lib.objective_inputs(t.setup, step_lib.zero_scores(t.setup, batch), batch)
+    got = np.asarray(_estimate(inputs, "grpo", inputs.rewards_n, 4, std_eps=1e-4))
+    columns = batch["reward_columns"].reshape(-1, 4, 2)
+    norm = (columns - columns.mean(1, keepdims=True)) / (columns.std(1, ddof=1, keepdims=True)
+                                                        + 1e-4)
+    np.testing.assert_allclose(got, (norm @ np.array([1.0, 0.01])).reshape(-1), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(inputs.rewards_n, (columns @ np.array([1.0, 0.01])).reshape(-1),
+                               rtol=1e-5)
+    plain = np.asarray(losses.advantages.advantages("grpo", inputs.rewards_n, None, 4))
+    assert not np.allclose(plain, got, atol=1e-2)
 
 
 def test_micro_batches_give_the_whole_batch_loss_and_gradient(tmp_path):
