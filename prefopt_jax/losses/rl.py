@@ -148,6 +148,21 @@ def _entropy_bonus(inputs: RolloutInputs, coef: float) -> Array:
     return -coef * f32(entropy_nc)
 
 
+def _sequence_rewards(inputs: RolloutInputs, reward_clip: float, whiten_rewards: bool) -> Array:
+    """The sparse rewards PPO adds at the last token: clipped to `+-reward_clip` (0: off), then
+    with `whiten_rewards` divided by their standard deviation over the batch's real samples
+    (not shifted: a shift would move every reward against the KL penalty)."""
+    rewards_n, valid_n = f32(inputs.rewards_n), _valid(inputs)
+    if reward_clip:
+        rewards_n = jnp.clip(rewards_n, -reward_clip, reward_clip)
+    if whiten_rewards:
+        total, count = metric(rewards_n, valid_n)
+        mean = total / jnp.maximum(count, 1.0)
+        var = metric(jnp.square(rewards_n - mean), valid_n)[0] / jnp.maximum(count - 1.0, 1.0)
+        rewards_n = rewards_n * jax.lax.rsqrt(var + 1e-8)
+    return rewards_n
+
+
 def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, lam: float,
               cliprange: float, cliprange_value: float, vf_coef: float, whiten: bool,
               loss: str) -> LossOutput:
@@ -184,18 +199,21 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
                  "instructions with human feedback"))
 def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
         kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, cliprange: float = 0.2,
-        cliprange_value: float = 0.2, vf_coef: float = 0.1, whiten: bool = True) -> LossOutput:
+        cliprange_value: float = 0.2, vf_coef: float = 0.1, whiten: bool = True,
+        reward_clip: float = 0.0, whiten_rewards: bool = False) -> LossOutput:
     """PPO (RLHF): token reward `-b_kl KLhat_t + 1[t=T] r`, GAE, whitened A, clipped losses.
 
     KLhat uses the behaviour policy vs the reference (k1 or k3; none without a reference).
     Per token: `-min(rho A, clip(rho, 1 +- 0.2) A) + vf 0.5 max((V-R)^2, (clip(V) - R)^2)`,
     averaged over all tokens of the batch. Needs values_nc (and old_values_nc off-policy).
+    `reward_clip` clips r to `+-reward_clip` (0: off); `whiten_rewards` divides r by its batch
+    standard deviation.
     """
     old_nc = _old_logps(inputs)
     kl_nc = (jnp.zeros_like(old_nc) if inputs.ref_logps_nc is None
              else kl_estimate(old_nc, inputs.ref_logps_nc, kl_estimator))
-    token_rewards_nc = (-kl_coef * kl_nc
-                        + last_token(inputs.mask_nc) * f32(inputs.rewards_n)[:, None])
+    rewards_n = _sequence_rewards(inputs, reward_clip, whiten_rewards)
+    token_rewards_nc = -kl_coef * kl_nc + last_token(inputs.mask_nc) * rewards_n[:, None]
     return _ppo_loss(inputs, token_rewards_nc, gamma=gamma, lam=lam, cliprange=cliprange,
                      cliprange_value=cliprange_value, vf_coef=vf_coef, whiten=whiten,
                      loss="ppo")
@@ -207,18 +225,21 @@ def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
 def rto(inputs: RolloutInputs, state: Any = None, *, beta1: float = 0.05, clip: float = 0.05,
         beta2: float = 0.01, beta3: float = 1.0, gamma: float = 1.0, lam: float = 0.95,
         cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1,
-        whiten: bool = True) -> LossOutput:
+        whiten: bool = True, reward_clip: float = 0.0, whiten_rewards: bool = False
+        ) -> LossOutput:
     """RTO: PPO on `r_t = clip(b1 D_t, +-c) - b2 log pi_old/pi_ref + 1[t=T] b3 r`.
 
     `D_t = log pi_dpo(y_t|s_t) - log pi_dpo_ref(y_t|s_t)`: a DPO policy's log-ratio of the
     sampled token against its own reference, in `extras["dpo_log_ratio_nc"]` (the engine's
-    `token_rewards` need, `AlgoConfig.teacher`); needs the reference.
+    `token_rewards` need, `AlgoConfig.teacher`); needs the reference. `reward_clip` and
+    `whiten_rewards` treat the sparse `r` as in ppo.
     """
     ref_nc = f32(require({"ref_logps_nc": inputs.ref_logps_nc}, "ref_logps_nc", "rto"))
     dpo_nc = f32(require(inputs.extras, "dpo_log_ratio_nc", "rto"))
     token_rewards_nc = (jnp.clip(beta1 * dpo_nc, -clip, clip)
                         - beta2 * (_old_logps(inputs) - ref_nc)
-                        + last_token(inputs.mask_nc) * beta3 * f32(inputs.rewards_n)[:, None])
+                        + last_token(inputs.mask_nc) * beta3
+                        * _sequence_rewards(inputs, reward_clip, whiten_rewards)[:, None])
     return _ppo_loss(inputs, token_rewards_nc, gamma=gamma, lam=lam, cliprange=cliprange,
                      cliprange_value=cliprange_value, vf_coef=vf_coef, whiten=whiten,
                      loss="rto")

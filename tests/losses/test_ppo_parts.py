@@ -92,3 +92,24 @@ def test_kl_penalty_enters_every_token_reward(estimator, kl):
     # The policy term at ratio 1 is -A per token, averaged over the tokens.
     np.testing.assert_allclose(out.metrics["ppo/policy_loss"][0] / 2, -returns.mean(),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("hyper,want", [
+    ({"reward_clip": 0.5}, [0.5, -0.5, 0.25]),  # clipped to +-0.5
+    ({"whiten_rewards": True}, np.array([2.0, -3.0, 0.25]) / np.std([2.0, -3.0, 0.25], ddof=1)),
+])
+def test_sparse_rewards_are_clipped_or_scaled_before_the_last_token(hyper, want):
+    # No reference (no KL), one token each: the token reward is the processed sequence reward.
+    inputs = RolloutInputs(logps_nc=jnp.zeros((3, 1)), mask_nc=jnp.ones((3, 1)),
+                           rewards_n=jnp.array([2.0, -3.0, 0.25]),
+                           values_nc=jnp.zeros((3, 1)), old_values_nc=jnp.zeros((3, 1)))
+    for name in ("ppo", "rto"):
+        extra = {} if name == "ppo" else {"beta1": 0.0, "beta2": 0.0}
+        if name == "rto":
+            inputs = inputs.replace(ref_logps_nc=jnp.zeros((3, 1)),
+                                    extras={"dpo_log_ratio_nc": jnp.zeros((3, 1))})
+        out = losses.get(name)(inputs, whiten=False, **hyper, **extra)
+        total, count = out.metrics["ppo/token_reward"]
+        np.testing.assert_allclose(total / count, np.mean(want), rtol=1e-5)
+        # A = r (V = 0): the policy term at ratio 1 is -r per token.
+        np.testing.assert_allclose(out.metrics["ppo/policy_loss"][0], -np.sum(want), rtol=1e-5)
