@@ -153,6 +153,9 @@ def test_bf16_attention_computes_in_float32():
         np.testing.assert_array_equal(np.asarray(out, np.float32),
                                       np.asarray(attend(*wide, mask, block).astype(jnp.bfloat16),
                                                  np.float32))
-    grads = jax.grad(lambda *x: jnp.sum(attend(*x, mask).astype(jnp.float32) ** 2),
-                     argnums=(0, 1, 2))(*qkv)
+    # The forward above runs eagerly on purpose: under jit XLA:CPU may keep bf16 intermediates
+    # in float32 and an attention computing in bf16 would pass. The gradient's dtypes are fixed
+    # at trace time, so it is jitted (eager, its backward compiles every op).
+    grads = jax.jit(jax.grad(lambda *x: jnp.sum(attend(*x, mask).astype(jnp.float32) ** 2),
+                             argnums=(0, 1, 2)))(*qkv)
     assert [g.dtype for g in grads] == [jnp.dtype(jnp.bfloat16)] * 3

@@ -106,6 +106,8 @@ def test_smollm2_export_generates_one_turn_with_transformers(tmp_path, smollm2):
     assert new[-1] == im_end and len(new) < 32, hf_tokenizer.decode(new)
     assert im_end not in new[:-1]
     # Without <|im_end|> among the stop ids the same greedy run goes past it into a next turn.
-    longer = hf_model.generate(**inputs, max_new_tokens=32, do_sample=False,
+    # Two tokens past the first run's end are enough to show it (each decoded token of the
+    # 135M model costs a forward pass; 32 would add ~30 of them).
+    longer = hf_model.generate(**inputs, max_new_tokens=len(new) + 2, do_sample=False,
                                eos_token_id=hf_tokenizer.unk_token_id)[0, length:].tolist()
     assert longer[:len(new)] == new and len(longer) > len(new), hf_tokenizer.decode(longer)

@@ -28,6 +28,12 @@ def ref():
     return Transformer(CONFIG, rngs=nnx.Rngs(1))
 
 
+@nnx.jit(static_argnames="return_hidden")
+def forward(model, tokens_bt, positions_bt, return_hidden=False):
+    """Jitted full forward (eager dispatch compiles every op of it, per shape)."""
+    return model(tokens_bt, positions_bt, return_hidden=return_hidden)
+
+
 def full_forward_logps(model, pairs):
     """Per-token log-probs of each `(prompt, completion)`, by one uncached batched forward.
 
@@ -36,7 +42,7 @@ def full_forward_logps(model, pairs):
     seqs = [list(p) + list(c) for p, c in pairs]
     width = max(map(len, seqs))
     tokens = np.asarray([s + [0] * (width - len(s)) for s in seqs])
-    logits = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(width), tokens.shape))
+    logits = forward(model, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(width), tokens.shape))
     logp_btv = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     return [logp_btv[r, len(p) - 1 + np.arange(len(c)), np.asarray(c, int)]
             for r, (p, c) in enumerate(pairs)]
@@ -130,7 +136,8 @@ def test_implicit_reward_model_and_ensemble_scorers(model, ref):
     seqs = [list(p) + list(c) for p, c in pairs]
     width = max(map(len, seqs))
     tokens = jnp.asarray([s + [0] * (width - len(s)) for s in seqs])
-    hidden = model(tokens, jnp.broadcast_to(jnp.arange(width), tokens.shape), return_hidden=True)
+    hidden = forward(model, tokens, jnp.broadcast_to(jnp.arange(width), tokens.shape),
+                     return_hidden=True)
     want_rm = head(hidden, index_b=[len(s) - 1 for s in seqs])
     np.testing.assert_allclose(rm.reshape(-1), want_rm, atol=1e-4)
     members = [lambda c: implicit, lambda c: rm, target_fraction(7)]

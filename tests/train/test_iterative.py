@@ -65,8 +65,15 @@ def assert_trees_equal(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_two_iterations_move_the_reference_to_the_previous_iterate(tmp_path):
-    snapshots, history, _ = run_loop(tmp_path, "dpo", {"beta": 0.1})
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    """Two rounds of DPO with the default config (previous-iterate reference, optimiser reset
+    each round): one run shared by the tests that read it."""
+    return run_loop(tmp_path_factory.mktemp("dpo"), "dpo", {"beta": 0.1})
+
+
+def test_two_iterations_move_the_reference_to_the_previous_iterate(dpo_run):
+    snapshots, history, _ = dpo_run
     assert [h["round"] for h in history] == [0, 1]
     assert [h["step"] for h in history] == [2, 4]
     assert all(np.isfinite(h["loss"]) and h["pairs"] >= 1 for h in history)
@@ -90,15 +97,18 @@ def counts(opt_state):
 
 
 @pytest.mark.parametrize("reset", [True, False])
-def test_each_round_starts_a_fresh_optimizer_unless_carried_over(reset, tmp_path):
-    snapshots, _, _ = run_loop(tmp_path, "dpo", {"beta": 0.1}, reset_optimizer=reset)
+def test_each_round_starts_a_fresh_optimizer_unless_carried_over(reset, tmp_path, dpo_run):
+    # reset_optimizer=True is IterativeConfig's default: the shared run is that run.
+    assert iterative.IterativeConfig().reset_optimizer
+    snapshots, _, _ = dpo_run if reset else run_loop(tmp_path, "dpo", {"beta": 0.1},
+                                                     reset_optimizer=False)
     (*_, opt_0, _), (*_, opt_1, _) = snapshots
     # Adam's and the schedule's step counters: 2 steps per round, restarted or continued.
     assert counts(opt_0) == [2] and counts(opt_1) == ([2] if reset else [4])
 
 
-def test_next_round_replaces_or_keeps_the_optimizer_state(tmp_path):
-    _, _, task = run_loop(tmp_path, "dpo", {"beta": 0.1}, rounds=1)
+def test_next_round_replaces_or_keeps_the_optimizer_state(dpo_run):
+    _, _, task = dpo_run  # its state at the end of round 1 (the optimiser reset at its start)
     setup, state, config = task.setup, task.state, task.config
     ended = host(state.opt_state)
     assert counts(ended) == [2]

@@ -24,6 +24,9 @@ from prefopt_jax.data.synthetic import tiny_data
 OPT = optim.OptimConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0)
 MODEL = loop.ModelSpec(overrides={"num_layers": 1})
 DATA = loop.DataSpec(batch_size=4, tiny_examples=8)
+# One batch of 4 examples: every step has the same shape, so a run compiles its step once (DATA's
+# two batches have two shapes). For tests that compare nothing with the `frozen` run.
+ONE_SHAPE = loop.DataSpec(batch_size=4, tiny_examples=4)
 
 
 def train(out_dir, steps=3, reference=ReferenceConfig(), model=MODEL, data=DATA, **loop_kw):
@@ -80,9 +83,10 @@ def test_refresh_every_step_keeps_the_dpo_loss_at_log2(tmp_path, frozen):
 
 def test_soft_update_every_step_with_alpha_1_is_a_refresh(tmp_path):
     ref = ReferenceConfig(kind="frozen", soft_update_every=1, soft_update_alpha=1.0)
-    np.testing.assert_allclose(losses(train(tmp_path, reference=ref)), math.log(2), atol=1e-6)
+    np.testing.assert_allclose(losses(train(tmp_path, reference=ref, data=ONE_SHAPE)),
+                               math.log(2), atol=1e-6)
     half = ReferenceConfig(kind="frozen", soft_update_every=2, soft_update_alpha=1.0)
-    recs = losses(train(tmp_path / "half", steps=4, reference=half))
+    recs = losses(train(tmp_path / "half", steps=4, reference=half, data=ONE_SHAPE))
     # Updated after steps 2 and 4 only: step 3 starts at h = 0, step 2 does not.
     assert abs(recs[2] - math.log(2)) < 1e-6 and abs(recs[1] - math.log(2)) > 1e-6
 
@@ -129,7 +133,8 @@ def test_export_loads_in_transformers_with_merged_lora(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "export", lambda run, d: runs.append(run) or export(run, d))
     model = loop.ModelSpec(overrides={"num_layers": 1}, lora=LoraConfig(rank=2, alpha=4.0))
     spec = loop.LoopConfig(steps=2, output_dir=str(tmp_path), checkpoint_every=0, export=True)
-    loop.train(model, DATA, build.AlgoConfig("dpo", (), ReferenceConfig(kind="lora")), OPT, spec)
+    loop.train(model, ONE_SHAPE, build.AlgoConfig("dpo", (), ReferenceConfig(kind="lora")), OPT,
+               spec)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
     tokens_bt = np.arange(1, 12, dtype=np.int32)[None]
     with torch.no_grad():
@@ -141,9 +146,15 @@ def test_export_loads_in_transformers_with_merged_lora(tmp_path, monkeypatch):
     assert np.max(np.abs(got - logits(base, tokens_bt))) > 1e-3  # the adapters were merged
 
 
+@nnx.jit
+def _forward(model, tokens_bt, positions_bt):
+    return model(tokens_bt, positions_bt)
+
+
 def logits(model, tokens_bt):
+    """Jitted (eager dispatch compiles every op of the forward, ~180 programs)."""
     positions_bt = np.arange(tokens_bt.shape[1], dtype=np.int32)[None]
-    return np.asarray(model(tokens_bt, positions_bt))
+    return np.asarray(_forward(model, tokens_bt, positions_bt))
 
 
 def test_reference_cache_is_keyed_by_data_and_weights(tmp_path, monkeypatch):

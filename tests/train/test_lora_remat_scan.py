@@ -6,6 +6,7 @@ nnx.remat and nnx.scan refuse those inside the step's grad and micro-batch scan
 """
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -63,15 +64,23 @@ def loss_and_grads(config, params, adapters):
     return float(total) / float(count), grads
 
 
-@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
-@pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "none"), (False, "full")])
-def test_lora_step_with_scan_and_remat_equals_plain(scan, remat):
+@functools.cache
+def plain():
+    """(params, adapters, loss, adapter grads) of the plain float32 model, computed once for
+    every test here (each used to rebuild and run the same plain step)."""
     params = nnx.to_pure_dict(nnx.state(Transformer(PLAIN, rngs=nnx.Rngs(7)), nnx.Param))
     _, _, base, _ = build.split_model(model_from_params(PLAIN, params), LORA, seed=0)
     adapters = lora_lib.init_adapters(base, LORA, jax.random.key(1))
     # Non-zero B: the policy differs from the reference and A gets gradients too.
     adapters = jax.tree.map(lambda x: x + 0.1, adapters)
-    want_loss, want_grads = loss_and_grads(PLAIN, params, adapters)
+    loss, grads = loss_and_grads(PLAIN, params, adapters)
+    return params, adapters, loss, grads
+
+
+@pytest.mark.filterwarnings("ignore:remat_policy=:UserWarning")  # numerics of unrolled remat
+@pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "none"), (False, "full")])
+def test_lora_step_with_scan_and_remat_equals_plain(scan, remat):
+    params, adapters, want_loss, want_grads = plain()
     config = dataclasses.replace(PLAIN, scan_layers=scan, remat_policy=remat)
     got_loss, got_grads = loss_and_grads(config, params,
                                          stacked(adapters, 2) if scan else adapters)
@@ -99,11 +108,7 @@ def test_bf16_compute_lora_step_is_close_to_float32(scan, remat):
     """bf16 compute (float32 params): every matmul, gradient ones included, is a bf16 product
     with float32 accumulation (`models.matmul`); the loss and adapter gradients stay within
     bf16's precision of the float32 step, with scanned and rematerialised layers too."""
-    params = nnx.to_pure_dict(nnx.state(Transformer(PLAIN, rngs=nnx.Rngs(7)), nnx.Param))
-    _, _, base, _ = build.split_model(model_from_params(PLAIN, params), LORA, seed=0)
-    adapters = jax.tree.map(lambda x: x + 0.1, lora_lib.init_adapters(base, LORA,
-                                                                      jax.random.key(1)))
-    want_loss, want_grads = loss_and_grads(PLAIN, params, adapters)
+    params, adapters, want_loss, want_grads = plain()
     config = dataclasses.replace(PLAIN, dtype=jax.numpy.bfloat16, scan_layers=scan,
                                  remat_policy=remat)
     got_loss, got_grads = loss_and_grads(config, params,

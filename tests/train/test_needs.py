@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from prefopt_jax import data as data_lib
 from prefopt_jax.data import synthetic
@@ -60,10 +61,17 @@ def models():
     return load_model(SPEC)[0], load_model(ModelSpec(overrides={"num_layers": 2}, seed=1))[0]
 
 
+@nnx.jit
+def _forward(model, tokens_bt, positions_bt):
+    return model(tokens_bt, positions_bt)
+
+
 def full_logits(model, prompt, completion) -> np.ndarray:
-    """Float32 logits `[len(completion), V]` of a sequence scored alone (no layout)."""
+    """Float32 logits `[len(completion), V]` of a sequence scored alone (no layout, no padding).
+
+    Jitted: one compile per sequence length (eager dispatch compiles every op per length)."""
     tokens = np.concatenate([prompt, completion]).astype(np.int32)[None]
-    logits = model(jnp.asarray(tokens), jnp.arange(tokens.shape[1])[None])[0]
+    logits = _forward(model, jnp.asarray(tokens), jnp.arange(tokens.shape[1])[None])[0]
     start = len(prompt) - 1
     return np.asarray(logits[start:start + len(completion)], np.float32)
 

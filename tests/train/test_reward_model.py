@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from prefopt_jax import data as data_lib
 from prefopt_jax import registry
@@ -64,14 +65,23 @@ def one_token_pairs():
     return from_lists("paired", 2, prompts, completions, np.arange(4), {})
 
 
+@nnx.jit
+def _alone_score(rm, tokens_bt, positions_bt, index_b):
+    hidden = rm.trunk(tokens_bt, positions_bt, return_hidden=True)
+    return rm.head(hidden, index_b=index_b)
+
+
 def alone_scores(rm, data):
-    """Each sequence scored by itself: one unpadded row, read at its last token."""
+    """Each sequence scored by itself: one unpadded row, read at its last token.
+
+    Jitted: one compile per sequence length (eager dispatch compiles every op per length)."""
     out = []
     for i in range(len(data)):
         for j in range(2):
             tokens = np.concatenate([data.prompt(i), data.completion(i, j)])[None]
-            hidden = rm.trunk(tokens, np.arange(tokens.shape[1])[None], return_hidden=True)
-            out.append(float(rm.head(hidden, index_b=np.array([tokens.shape[1] - 1]))[0]))
+            score = _alone_score(rm, tokens, np.arange(tokens.shape[1])[None],
+                                 np.array([tokens.shape[1] - 1]))
+            out.append(float(score[0]))
     return np.array(out).reshape(-1, 2).T
 
 
