@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import optax
+
+from prefopt_jax.train.state import to_f32
 
 NO_DECAY_DEFAULT = ("norm", "bias", "scale", "embed_norm")
 
@@ -141,9 +142,7 @@ def apply_updates(tx: optax.GradientTransformation, params, opt_state, grads,
                   fp32_state: bool):
     """(new params, new optimiser state): one update of `tx`, in float32 when `fp32_state`
     whatever the params' dtype, then cast back to each parameter's dtype (pure)."""
-    cast = (lambda tree: jax.tree.map(
-        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree)) if fp32_state else (lambda tree: tree)
+    cast = to_f32 if fp32_state else (lambda tree: tree)
     updates, opt_state = tx.update(cast(grads), opt_state, cast(params))
     new = optax.apply_updates(cast(params), updates)
     return jax.tree.map(lambda n, old: n.astype(old.dtype), new, params), opt_state
