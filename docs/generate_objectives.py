@@ -27,15 +27,19 @@ compute: an unknown name or hyper-parameter, a modifier where it does not apply,
 run cannot supply stops the run with a message naming it.
 
     prefopt train configs/experiments/tiny.gin configs/algos/NAME.gin   # any of them, in seconds
+    prefopt train configs/experiments/diffusion_tiny.gin configs/algos/NAME.gin   # diffusion
 
 Notation: prompt `x`, completion `y`, chosen `y_w` and rejected `y_l`; per-token log-probs
 `l_t = log pi(y_t|s_t)` of completion tokens only; `L(y) = sum_t l_t`, `Lbar(y) = L(y)/|y|`;
 `D(y) = L(y) - L_ref(y)`, `h = D_w - D_l`; `s` is the logistic function, `b` the KL
 temperature (beta). Losses are means over real examples; metrics are (sum, count) pairs.
+Diffusion objectives: image `x_0`, noised `x_t` at level `t`, denoising error
+`e = mean_pixels (eps - eps_th(x_t, t, c))^2` and `e_ref` under the reference at the same `t`
+and noise; trajectory objectives read each sampler step's log-prob `log p(x_{t-1} | x_t, c)`.
 """
 
-TRAINED_BY = {"rollout": "the online RL loop (not built yet; `prefopt train` refuses these "
-                         "objectives, naming that loop)",
+TRAINED_BY = {"rollout": "the online RL loop (`prefopt train` picks `@train_online`): the "
+                         "policy's own samples, rewarded by `RLConfig.rewards`",
               "reward": "the reward-model task: `prefopt train` trains a `RewardModel` "
                         "(trunk + `RewardHead`) and saves it to `output_dir/reward_model`"}
 
@@ -52,6 +56,9 @@ def objective_section(name: str) -> list[str]:
     needs = ", ".join(f"`{n}`" + (f" (unless `{waived[n]}` is set)" if n in waived else "")
                       for n in info.needs) or "nothing beyond policy (and reference) log-probs"
     trained = TRAINED_BY.get(info.inputs, "`prefopt train` (the policy loop)")
+    if info.inputs in losses.DIFFUSION_INPUTS:
+        trained = ("the diffusion task (`prefopt train` picks `@train_diffusion`; "
+                   "`configs/experiments/diffusion_tiny.gin`)")
     return [f"### `{name}`", "", doc, "",
             f"- inputs: `{info.inputs}`, {losses.INPUTS[info.inputs]}",
             f"- reference: {'required' if info.reference else 'not used'}",

@@ -15,7 +15,7 @@ import traceback
 from prefopt_jax.errors import UserError
 
 # Sub-command modules, imported lazily so `prefopt --help` does not import jax.
-COMMANDS = ("generate", "data", "train", "eval", "convert")
+COMMANDS = ("generate", "data", "train", "eval", "convert", "sample_images")
 
 
 USER_ERROR_STATUS = 2  # argparse's status for a bad command line; user errors share it

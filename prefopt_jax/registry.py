@@ -16,6 +16,9 @@ import gin
 
 from prefopt_jax import losses
 from prefopt_jax.data import LayoutConfig
+from prefopt_jax.diffusion import data as diffusion_data
+from prefopt_jax.diffusion import spec as diffusion_spec
+from prefopt_jax.diffusion import train as diffusion_train
 from prefopt_jax.errors import ConfigError
 from prefopt_jax.evals import policy_eval
 from prefopt_jax.models.lora import LoraConfig
@@ -37,6 +40,9 @@ CONFIGURABLES = {
     "IterativeConfig": iterative.IterativeConfig,
     "RLConfig": rl.RLConfig,
     "CriticConfig": critic.CriticConfig,
+    "DiffusionModelSpec": diffusion_spec.DiffusionModelSpec,
+    "ImageDataSpec": diffusion_data.ImageDataSpec,
+    "DiffusionConfig": diffusion_train.DiffusionConfig,
 }
 
 for _name, _cls in CONFIGURABLES.items():
@@ -51,11 +57,12 @@ def train(model=gin.REQUIRED, data=gin.REQUIRED, algo=gin.REQUIRED,
     `trainer` replaces the default (same arguments), e.g. `@train_iterative`. By default the
     objective's declared inputs choose: reward inputs train a reward model
     (`@train_reward_model`), rollout inputs the online RL loop (`@train_online`), the others
-    a policy (`loop.train`).
+    a policy (`loop.train`), diffusion inputs a diffusion model (`@train_diffusion`).
     """
     if tiny:
-        lora = model.lora and dataclasses.replace(model.lora, rank=2)
-        model = dataclasses.replace(model, source="tiny", lora=lora)
+        lora = getattr(model, "lora", None) and dataclasses.replace(model.lora, rank=2)
+        model = dataclasses.replace(model, source="tiny", **(
+            {"lora": lora} if hasattr(model, "lora") else {}))
         data = dataclasses.replace(data, source="tiny", batch_size=min(data.batch_size, 4))
     # Held from here, so a second run on the directory is refused before it writes anything.
     with driver.RunDir(loop.output_dir) as run_dir:
@@ -69,6 +76,8 @@ def default_trainer(algo):
     # By the registered name: a rollout objective's group_size comes from the online loop.
     inputs = (losses.info(algo.name).inputs if not algo.mix and algo.name in losses.names()
               else algo.objective().info.inputs)
+    if inputs in losses.DIFFUSION_INPUTS:
+        return diffusion_train.train
     return {"reward": reward_model.train, "rollout": rl.train}.get(inputs, loop_train)
 
 
@@ -77,6 +86,7 @@ CONFIGURABLES["train"] = train
 CONFIGURABLES["train_reward_model"] = reward_model.train
 CONFIGURABLES["train_iterative"] = iterative.train
 CONFIGURABLES["train_online"] = rl.train
+CONFIGURABLES["train_diffusion"] = diffusion_train.train
 CONFIGURABLES["evaluate"] = policy_eval.evaluate
 
 

@@ -6,8 +6,10 @@ win probabilities), a random tiny DPO teacher where NAME reads one, and margins 
 loss is finite at every step and the exported weights differ from the initial ones. RL
 objectives train in the online loop (`@train_online`, picked by their inputs) on tiny.gin's
 random prompts, rewarded by the share of even token ids; ppo and rto with a value head on the
-policy's trunk trained in the same step. Each modifier runs on `dpo` and on `ipo`, and the MPO mix on its own. Bad
-choices fail with a message naming them.
+policy's trunk trained in the same step. Diffusion objectives train the tiny DiT from
+configs/experiments/diffusion_tiny.gin (synthetic images of their kind, or their own sampled
+trajectories rewarded by stroke contrast) and export a diffusion model. Each modifier runs on
+`dpo` and on `ipo`, and the MPO mix on its own. Bad choices fail with a message naming them.
 """
 
 import glob
@@ -21,6 +23,8 @@ import pytest
 from flax import nnx
 
 from prefopt_jax import cli, losses
+from prefopt_jax.diffusion import spec as diffusion_spec
+from prefopt_jax.diffusion.spec import DiffusionModelSpec
 from prefopt_jax.losses import ObjectiveError
 from prefopt_jax.models import from_pretrained
 from prefopt_jax.models.spec import ModelSpec, load_model
@@ -30,9 +34,9 @@ TRAINED = losses.names()
 MODIFIERS = ["f_divergence_js", "wpo", "ld_dpo", "reference_free"]
 
 
-def train(out, *files, bindings=()):
+def train(out, *files, bindings=(), experiment="configs/experiments/tiny.gin"):
     """`prefopt train` in this process; the run's metric records."""
-    argv = ["train", "configs/experiments/tiny.gin", *files,
+    argv = ["train", experiment, *files,
             f"--gin.LoopConfig.output_dir='{out}'", *(f"--gin.{b}" for b in bindings)]
     assert cli.main(argv) == 0
     with open(out / "metrics.jsonl") as f:
@@ -47,12 +51,21 @@ def initial_params() -> list[np.ndarray]:
     return params(load_model(ModelSpec(overrides={"num_layers": 1}))[0])
 
 
-def assert_trained(out, records):
+def diffusion_params(source) -> list[np.ndarray]:
+    return params(diffusion_spec.load(DiffusionModelSpec(source=source, num_timesteps=100))[0]
+                  if source == "tiny" else diffusion_spec.load(DiffusionModelSpec(source))[0])
+
+
+def assert_trained(out, records, diffusion=False):
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in records), records
-    export = out / "export" if (out / "export").exists() else out / "reward_model" / "trunk"
-    trained = params(from_pretrained(str(export), load_tokenizer=False)[0])
-    change = max(float(np.max(np.abs(a - b))) for a, b in zip(trained, initial_params()))
+    if diffusion:
+        trained, initial = diffusion_params(str(out / "export")), diffusion_params("tiny")
+    else:
+        export = out / "export" if (out / "export").exists() else out / "reward_model" / "trunk"
+        trained = params(from_pretrained(str(export), load_tokenizer=False)[0])
+        initial = initial_params()
+    change = max(float(np.max(np.abs(a - b))) for a, b in zip(trained, initial))
     assert change > 0, "no trained parameter changed"
 
 
@@ -69,8 +82,10 @@ def test_every_objective_has_its_config_and_nothing_else():
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_objective_trains_from_its_config(name, tmp_path, capsys):
-    records = train(tmp_path, f"configs/algos/{name}.gin")
-    assert_trained(tmp_path, records)
+    diffusion = losses.info(name).inputs in losses.DIFFUSION_INPUTS
+    experiment = f"configs/experiments/{'diffusion_' if diffusion else ''}tiny.gin"
+    records = train(tmp_path, f"configs/algos/{name}.gin", experiment=experiment)
+    assert_trained(tmp_path, records, diffusion)
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert len(progress) == 2 and not any("nan" in ln for ln in progress), progress
     if losses.info(name).inputs == "unpaired":  # no pairs: rewards of each label instead
@@ -79,6 +94,8 @@ def test_objective_trains_from_its_config(name, tmp_path, capsys):
         assert (tmp_path / "rollouts").is_dir()
     if "critic" in losses.info(name).needs:  # the critic learns in the same step
         assert records[0]["critic/grad_norm"] > 0 and "ppo/value_loss" in records[0], records[0]
+    if losses.info(name).inputs == "trajectory":  # rewarded samples of the policy itself
+        assert records[0]["rewards/mean"] > 0 and "tokens" not in records[0], records[0]
 
 
 @pytest.mark.parametrize("modifier", MODIFIERS)

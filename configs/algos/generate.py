@@ -31,6 +31,9 @@ TRAINED_BY = {"rollout": "the online RL loop (`prefopt train` picks @train_onlin
                          "sets prompts per iteration, group size (the objective's group_size), "
                          "epochs, mini-batches, sampling and the rewards",
               "reward": "the reward-model task (`prefopt train` picks it from the inputs)"}
+DIFFUSION = ("the diffusion task (`prefopt train` picks @train_diffusion from the inputs): "
+             "DiffusionModelSpec, ImageDataSpec and DiffusionConfig (sampler, prompts, group "
+             "size, reward) come from the experiment, e.g. configs/experiments/diffusion_tiny.gin")
 
 
 def render(name: str) -> str:
@@ -44,7 +47,10 @@ def render(name: str) -> str:
                 and not (info.inputs == "rollout" and k == "group_size")]
     needs = info.active_needs(hyper)
     macros = list(dict.fromkeys(REQUIRED_MACROS[n] for n in needs if n in REQUIRED_MACROS))
+    diffusion = info.inputs in losses.DIFFUSION_INPUTS
     bindings = list(dict.fromkeys(b for n in needs for b in NEED_BINDINGS.get(n, ())))
+    if diffusion:
+        bindings = ["train_diffusion.diffusion = @DiffusionConfig()"]
     header = [f"{name}: {doc}", "",
               f"Inputs: {info.inputs}; reference: {'yes' if info.reference else 'no'}; needs: "
               f"{', '.join(needs) or 'nothing more'} (docs/objectives.md).",
@@ -53,9 +59,9 @@ def render(name: str) -> str:
               + "".join(f"; AlgoConfig.hyper {k!r}" for k in required) + ".",
               "Commonly overridden: AlgoConfig.hyper (keyed by objective, so a switch of "
               "AlgoConfig.loss takes the new objective's defaults), ReferenceConfig.kind (auto: "
-              f"{'lora under LoRA, frozen otherwise' if info.reference else 'none'})."]
-    if info.inputs in TRAINED_BY:
-        header.append(f"Trained by {TRAINED_BY[info.inputs]}.")
+              f"{reference_auto(info, diffusion)})."]
+    if info.inputs in TRAINED_BY or diffusion:
+        header.append(f"Trained by {DIFFUSION if diffusion else TRAINED_BY[info.inputs]}.")
     if "critic" in info.needs:
         header.append("The critic (CriticConfig): a value head on the policy's trunk by default "
                       "(CriticConfig.source: a separate model).")
@@ -68,6 +74,15 @@ def render(name: str) -> str:
               f"AlgoConfig.hyper = {{{name!r}: {hyper!r}}}",
               "AlgoConfig.reference = @ReferenceConfig()", *bindings, ""]
     return "\n".join(lines)
+
+
+def reference_auto(info, diffusion: bool) -> str:
+    """What ReferenceConfig.kind 'auto' picks for an objective."""
+    if not info.reference:
+        return "none"
+    if diffusion:
+        return "frozen, a copy of the initial model"
+    return "lora under LoRA, frozen otherwise"
 
 
 def files() -> dict[str, str]:

@@ -3,11 +3,11 @@ its declaration (inputs, reference, coupling, needs, paper), `compose(...)` an o
 config names it (a loss or a mix, with modifiers).
 
 Importing this package registers every objective (pairwise, unpaired, listwise, reward-model,
-token-level, online RL) and the `mpo` mixture. docs/objectives.md lists them all.
+token-level, online RL, diffusion) and the `mpo` mixture. docs/objectives.md lists them all.
 """
 
-from prefopt_jax.losses import (listwise, modifiers, pairwise, rewards,  # noqa: F401 (register)
-                                rl, tokenlevel, unpaired)
+from prefopt_jax.losses import (diffusion, listwise, modifiers, pairwise,  # noqa: F401
+                                rewards, rl, tokenlevel, unpaired)
 from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, PairLogps,
                                      PairwiseInputs, RewardPairInputs, RolloutInputs,
                                      UnpairedInputs,
@@ -15,12 +15,13 @@ from prefopt_jax.losses.base import (DistillInputs, ListwiseInputs, LossOutput, 
                                      pairwise_from_interleaved, seq_reduce)
 from prefopt_jax.losses.modifiers import MODIFIERS, f_divergence, ld_dpo, mix, reference_free, wpo
 from prefopt_jax.losses.objective import Objective, compose
-from prefopt_jax.losses.registry import (INPUTS, NEEDS, LossInfo, ObjectiveError,
-                                         UnknownLossError, get, hyper_defaults, info, names,
-                                         register)
+from prefopt_jax.losses.registry import (DIFFUSION_INPUTS, INPUTS, NEEDS, LossInfo,
+                                         ObjectiveError, UnknownLossError, get, hyper_defaults,
+                                         info, names, register)
 
 __all__ = [
-    "DistillInputs", "INPUTS", "ListwiseInputs", "LossInfo", "LossOutput", "MODIFIERS", "NEEDS",
+    "DIFFUSION_INPUTS", "DistillInputs", "INPUTS", "ListwiseInputs", "LossInfo", "LossOutput",
+    "MODIFIERS", "NEEDS",
     "Objective", "ObjectiveError", "PairLogps", "PairwiseInputs", "RewardPairInputs",
     "RolloutInputs", "UnknownLossError", "UnpairedInputs", "compose", "f_divergence", "get",
     "hyper_defaults", "info", "ld_dpo", "listwise_from_flat", "mean_loss", "metric_values", "mix",

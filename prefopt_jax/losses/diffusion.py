@@ -1,14 +1,12 @@
 """Diffusion objectives (issue 22): denoising-error losses and denoising-MDP policy losses.
 
-NOT REGISTERED YET. Each objective has the registry's signature `fn(inputs, state=None, *,
-hyper...) -> LossOutput` and a one-line formula as its first docstring line, but registering
-would make the every-objective config test train them before the diffusion trainer exists.
-They are registered when the diffusion trainer lands: `OBJECTIVES` at the end of this module
-maps each name to `(fn, declaration)`, and the trainer then calls `register(name, **decl)(fn)`
-after adding the inputs kinds ("denoising", "denoising_unpaired", "denoising_list",
-"trajectory") to `registry.INPUTS`.
+Registered at import with their declarations (`OBJECTIVES` at the end of this module); the
+diffusion trainer (`prefopt_jax.diffusion.train`) trains them, picked by their inputs kinds
+("images", "denoising", "denoising_unpaired", "denoising_list", "trajectory").
 
-Two kinds of inputs, both arrays only (no model call here):
+Three kinds of inputs, all arrays only (no model call here):
+
+* One denoising error per image (`diffusion_mse`, the pre-training loss of the reference).
 
 * Denoising errors (diffusion_dpo, diffusion_kto, rank_dpo, seppo). For an image x_0 with
   condition c, one timestep t and one noise eps, `e = mean over pixels of (eps - eps_th(x_t, t,
@@ -48,12 +46,27 @@ import jax.numpy as jnp
 from prefopt_jax.losses.base import (Array, LossOutput, f32, finish_loss, metric,
                                      ones_like_lead, require, reward_metrics)
 from prefopt_jax.losses.listwise import better_pairs, current_ranks
+from prefopt_jax.losses.registry import register
 
 log_sigmoid = jax.nn.log_sigmoid
 sg = jax.lax.stop_gradient
 
 # Log-ratios are clamped before exp so a stale sample cannot overflow to inf (as in rl.py).
 _LOG_RATIO_CLAMP = 20.0
+
+
+@flax.struct.dataclass
+class ImageInputs:
+    """Denoising errors of single images (pre-training), no reference.
+
+    Fields:
+      err_n: [N] `mean_pixels (target - prediction)^2` at one drawn t and eps per image.
+      valid_n, weight_n: [N] as in DenoisingInputs.
+    """
+
+    err_n: Array
+    valid_n: Array | None = None
+    weight_n: Array | None = None
 
 
 @flax.struct.dataclass
@@ -175,6 +188,17 @@ def _denoising_output(loss_p: Array, inputs: DenoisingInputs, valid_p: Array, be
     }
     metrics.update(extra or {})
     return LossOutput(loss_p=loss_p, metrics=metrics)
+
+
+def diffusion_mse(inputs: ImageInputs, state: Any = None) -> LossOutput:
+    """Denoising (Ho et al.): `mean_pixels (target - prediction)^2` at a random t and noise.
+
+    The simple loss of DDPM (uniform t, weight 1) with the model's target, the noise or v; it
+    pre-trains the model that preference objectives then use as their reference.
+    """
+    valid_n = ones_like_lead(inputs.err_n, inputs.valid_n)
+    loss_n = finish_loss(_clean(inputs.err_n, valid_n), valid_n, inputs.weight_n)
+    return LossOutput(loss_p=loss_n, metrics={"loss": metric(loss_n, valid_n)})
 
 
 def diffusion_dpo(inputs: DenoisingInputs, state: Any = None, *,
@@ -443,9 +467,11 @@ def ddpo(inputs: TrajectoryInputs, state: Any = None, *, form: str = "is",
     return LossOutput(loss_p=loss_n, metrics=metrics)
 
 
-# What the diffusion trainer registers (`register(name, **declaration)(fn)`), once it has added
-# these inputs kinds to `registry.INPUTS`. Not registered at import (see the module docstring).
+# Each objective and its declaration, registered below.
 OBJECTIVES: dict[str, tuple[Any, dict]] = {
+    "diffusion_mse": (diffusion_mse, dict(
+        inputs="images", reference=False,
+        paper="Denoising Diffusion Probabilistic Models (the pre-training loss)")),
     "diffusion_dpo": (diffusion_dpo, dict(
         inputs="denoising", reference=True,
         paper="Diffusion Model Alignment Using Direct Preference Optimization")),
@@ -456,7 +482,7 @@ OBJECTIVES: dict[str, tuple[Any, dict]] = {
         inputs="denoising_list", reference=True,
         paper="Scalable Ranked Preference Optimization for Text-to-Image Generation (RankDPO)")),
     "seppo": (seppo, dict(
-        inputs="denoising", reference=True,
+        inputs="denoising", reference=True, needs=("reference_samples",),
         paper="SePPO: Semi-Policy Preference Optimization for Diffusion Alignment")),
     "d3po": (d3po, dict(
         inputs="trajectory", reference=True, needs=("rollouts",),
@@ -466,3 +492,6 @@ OBJECTIVES: dict[str, tuple[Any, dict]] = {
         inputs="trajectory", reference=False, coupling="batch", needs=("rollouts",),
         paper="Training Diffusion Models with Reinforcement Learning (DDPO)")),
 }
+
+for _name, (_fn, _declaration) in OBJECTIVES.items():
+    register(_name, **_declaration)(_fn)

@@ -36,7 +36,17 @@ INPUTS = {
     "reward": "reward-head scores of a chosen and a rejected completion (RewardPairInputs)",
     "distill": "per-token KL to a teacher over the vocabulary, every completion (DistillInputs)",
     "rollout": "completions sampled from the policy, with rewards (RolloutInputs)",
+    "images": "one denoising error per image: diffusion pre-training (ImageInputs)",
+    "denoising": "denoising errors of a chosen and a rejected image under policy and reference "
+                 "at a shared t and noise (DenoisingInputs)",
+    "denoising_unpaired": "denoising errors of single images labelled desirable or not "
+                          "(DenoisingUnpairedInputs)",
+    "denoising_list": "denoising errors of K scored images per prompt (DenoisingListInputs)",
+    "trajectory": "denoising trajectories sampled from the diffusion policy, each step's "
+                  "log-prob, and rewards of the final images (TrajectoryInputs)",
 }
+# The inputs kinds of diffusion objectives (trained by `prefopt_jax.diffusion.train`).
+DIFFUSION_INPUTS = ("images", "denoising", "denoising_unpaired", "denoising_list", "trajectory")
 # What the engine supplies beyond the policy's and the reference's log-probs.
 NEEDS = {
     "gold": "a gold completion per example (triple data: prompt, gold, chosen, rejected)",
@@ -50,9 +60,13 @@ NEEDS = {
                  "(win_prob_chosen, win_prob_rejected)",
     "token_stats": "per-token statistics of the policy's vocabulary distribution (WPO's "
                    "log sum_v p_v^2), computed in the log-prob chunks",
-    "rollouts": "completions sampled from the policy and their rewards",
+    "rollouts": "samples drawn from the policy (completions, or denoising trajectories) and "
+                "their rewards",
     "group_preferences": "win probabilities P(y_i beats y_j) between the samples of each group "
                          "from a preference scorer (RLConfig.preference)",
+    "reference_samples": "a previous checkpoint of the policy, drawn at random, as the "
+                         "reference, whose own sample for each prompt is the rejected image "
+                         "(SePPO; DiffusionConfig.reference_every)",
     "critic": "a value model trained beside the policy in the same step (per-token values; "
               "AlgoConfig.critic)",
 }

@@ -92,14 +92,15 @@ class MetricsWriter:
     def progress(self, step: int, values: dict[str, float], tokens: float) -> str:
         """Step, loss, reward accuracy, tokens, tokens/s and ETA as one line (process 0 prints).
 
-        `tokens`: completion tokens trained on since this run (re)started, over all hosts.
+        `tokens`: completion tokens trained on since this run (re)started, over all hosts
+        (runs that train on no tokens, diffusion models, leave the token figures out).
         """
         elapsed = max(time.time() - self.t0, 1e-9)
         done = max(step - self.start, 1)
         eta = elapsed / done * (self.total_steps - step)
+        rate = f"tokens {tokens:.0f} tok/s {tokens / elapsed:.0f} " if "tokens" in values else ""
         line = (f"step {step}/{self.total_steps} loss {values.get('loss', float('nan')):.4f} "
-                f"{quality(values)}tokens {tokens:.0f} tok/s {tokens / elapsed:.0f} "
-                f"eta {eta:.0f}s")
+                f"{quality(values)}{rate}eta {eta:.0f}s")
         if self.active:
             print(line, flush=True)
         return line

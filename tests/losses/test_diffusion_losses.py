@@ -649,9 +649,21 @@ def test_bad_hyper_parameters_and_inputs_are_refused():
         run(dl.ddpo, traj_inputs(traj_case(), prompt_id_n=None), group_size=3)
 
 
-def test_objectives_are_declared_but_not_registered():
+def test_objectives_are_registered_with_their_declarations():
     import prefopt_jax.losses as losses
     for name, (fn, decl) in dl.OBJECTIVES.items():
-        assert name not in losses.names(), name
-        assert decl["inputs"] and fn.__doc__.splitlines()[0].strip()
-        assert set(losses.hyper_defaults(fn))  # keyword-only hyper-parameters with defaults
+        assert losses.get(name) is fn and losses.info(name).inputs == decl["inputs"], name
+        assert decl["inputs"] in losses.DIFFUSION_INPUTS and fn.__doc__.splitlines()[0].strip()
+    assert losses.info("seppo").needs == ("reference_samples",)
+
+
+def test_diffusion_mse_is_the_weighted_mean_error_of_real_images():
+    err = np.asarray([0.5, 2.0, GARBAGE, 1.0], np.float32)
+    valid = np.asarray([1, 1, 0, 1], np.float32)
+    weight = np.asarray([1.0, 0.5, 3.0, 2.0], np.float32)
+    out = dl.diffusion_mse(dl.ImageInputs(jnp.asarray(err), valid, weight))
+    np.testing.assert_allclose(np.asarray(out.loss_p), [0.5, 1.0, 0.0, 2.0])
+    assert float(mean_loss(out)) == pytest.approx((0.5 + 1.0 + 2.0) / 3)
+    grad = jax.grad(lambda e: mean_loss(dl.diffusion_mse(dl.ImageInputs(e, valid))))(
+        jnp.asarray(err))
+    np.testing.assert_allclose(np.asarray(grad), [1 / 3, 1 / 3, 0.0, 1 / 3], rtol=1e-6)

@@ -1,7 +1,8 @@
 """A `prefopt train` process killed with SIGKILL and restarted gives the uninterrupted metrics.
 
-The policy loop, and the iterative loop killed mid-round (its round's pairs come back from the
-run's `rounds/`), both through the shared driver. Each kill is proven: the process's exit
+The policy loop, the iterative loop killed mid-round (its round's pairs come back from the
+run's `rounds/`), the online loop and diffusion objectives, all through the shared driver. Each
+kill is proven: the process's exit
 status is -9, and a wait that times out fails the test.
 """
 
@@ -125,3 +126,19 @@ def test_online_run_killed_mid_iteration_resumes_exactly(tmp_path):
     # The critic trained: its values and loss moved, and the restored run saw the same ones.
     values = [r["ppo/values"] for r in records(clean)]
     assert len(set(values)) == len(values) and records(clean)[0]["critic/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("loss", ["d3po", "seppo"])
+def test_diffusion_run_killed_resumes_exactly(loss, tmp_path):
+    """A diffusion objective on the tiny DiT, killed after step 6's checkpoint: D3PO samples
+    its trajectories from the restored policy with the same keys; SePPO restores its pool of
+    policy snapshots and the reference drawn from it (a new draw every 2 steps)."""
+    bindings = ["LoopConfig.steps=10", "LoopConfig.checkpoint_every=2",
+                f"AlgoConfig.loss='{loss}'", "DiffusionConfig.reference_every=2"]
+    clean, killed, interrupted_export = clean_then_killed_at_step_6(
+        "configs/experiments/diffusion_tiny.gin", tmp_path, bindings)
+    assert not interrupted_export
+    assert records(killed) == records(clean)
+    assert [r["step"] for r in records(clean)] == list(range(1, 11))
+    assert len({r["loss"] for r in records(clean)}) > 5  # the run moved
+    assert (killed / "export" / "params.npz").exists()
