@@ -17,6 +17,8 @@ RankDPO; a ranked row gives its best and worst as a pair.
 
 Built-in sources: `tiny` (synthetic: the chosen image of a pair is brighter than the rejected
 one, for tests and smoke runs) and `digits` (scikit-learn's handwritten digits, images only).
+An `.npz` file of the data kind's arrays (`KINDS`: e.g. `chosen_nhwc`, `rejected_nhwc`,
+`label_n`) is read as it is, for data made by a program.
 
 The `ImageLoader` draws batches from an endless stream of per-epoch permutations of the
 examples; its position is one integer, so resuming is exact. Every host draws the same global
@@ -252,6 +254,27 @@ def stack(examples: list[dict], kind: str) -> dict[str, np.ndarray]:
     return out
 
 
+def read_arrays(path: str, kind: str, num_classes: int) -> dict[str, np.ndarray]:
+    """The arrays of data kind `kind` from an `.npz` file holding them by their `KINDS` names."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in KINDS[kind] if k not in data.files]
+            if missing:
+                raise DataSourceError(f"image data {path!r}: no array {missing[0]!r} (the "
+                                      f"{kind} arrays: {', '.join(KINDS[kind])})")
+            arrays = {k: np.asarray(data[k]) for k in KINDS[kind]}
+    except (OSError, ValueError) as err:
+        raise DataSourceError(f"image data {path!r}: cannot read ({err})") from None
+    counts = {k: len(v) for k, v in arrays.items()}
+    labels = arrays["label_n"]
+    if len(set(counts.values())) != 1 or labels.min() < 0 or labels.max() >= num_classes:
+        raise DataSourceError(f"image data {path!r}: arrays of lengths {counts}, labels in "
+                              f"[{labels.min()}, {labels.max()}]; need equal lengths and labels "
+                              f"in [0, {num_classes})")
+    return {k: v.astype(np.float32) if k.endswith(("hwc", "_nk")) else v
+            for k, v in arrays.items()}
+
+
 # --- built-in sources -----------------------------------------------------------------------
 
 def tiny_data(kind: str, count: int, image_shape: tuple[int, int, int], num_classes: int,
@@ -292,7 +315,8 @@ def load(spec: ImageDataSpec, kind: str, image_shape: tuple[int, int, int], num_
         from prefopt_jax.diffusion import digits
         images, labels = digits.load_digits(image_shape[0], split="train", seed=seed)
         return {"image_nhwc": images, "label_n": labels}
-    arrays = read_rows(spec.source, kind, num_classes)
+    arrays = (read_arrays(spec.source, kind, num_classes) if spec.source.endswith(".npz")
+              else read_rows(spec.source, kind, num_classes))
     for name, array in arrays.items():
         if name.endswith("hwc") and tuple(array.shape[-3:]) != tuple(image_shape):
             raise DataSourceError(f"image data {spec.source!r}: images of shape "

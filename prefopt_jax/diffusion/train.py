@@ -264,11 +264,15 @@ def micro(batch: dict, count: int) -> dict:
 
 class DiffusionTask:
     """A diffusion objective on the driver (`driver.Task`): data or sampled trajectories per
-    step, the jitted sharded step, SePPO's reference snapshots, the export."""
+    step, the jitted sharded step, SePPO's reference snapshots, the export.
+
+    `reward_fn`: a Python callable `fn(images_nhwc, labels_n) -> rewards_n` rewarding the
+    trajectories instead of `config.reward` (the Python API's way to pass any function).
+    """
 
     def __init__(self, model_spec: spec_lib.DiffusionModelSpec, data_spec: data_lib.ImageDataSpec,
                  algo: build.AlgoConfig, optim_config: optim.OptimConfig, loop: LoopConfig,
-                 config: DiffusionConfig = DiffusionConfig()):
+                 config: DiffusionConfig = DiffusionConfig(), reward_fn=None):
         objective = algo.objective()
         check_objective(objective, algo)
         build.check_accumulation(objective, data_spec.micro_batches)
@@ -289,9 +293,10 @@ class DiffusionTask:
         if kind == "trajectory" and not config.sampler_config().stochastic:
             raise ConfigError("DiffusionConfig: trajectory objectives need step densities: "
                               "sampler 'ddpm', or 'ddim' with eta > 0")
-        if kind == "trajectory":
+        if kind == "trajectory" and reward_fn is None:
             from prefopt_jax.diffusion import rewards
-            self.reward_fn = rewards.resolve_reward(config.reward)
+            reward_fn = rewards.resolve_reward(config.reward)
+        self.reward_fn = reward_fn
         self._place(params, rest, objective.info.reference)
         probe = self.next_batch(1, peek=True)
         probe.pop("example_index")
