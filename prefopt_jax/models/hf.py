@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from prefopt_jax.errors import ModelSourceError, UserError
-from prefopt_jax.models import hub
+from prefopt_jax.models import gguf_file, hub
 from prefopt_jax.models import tokenizer as tokenizer_lib
 from prefopt_jax.models.transformer import ModelConfig, Transformer
 
@@ -363,30 +363,30 @@ _GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention
                      "ffn_down": "mlp.down_proj"}
 
 
-def _gguf_field(reader, key: str, path: Path, default: Any = KeyError) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(parsed: gguf_file.GGUFFile, key: str, path: Path,
+                default: Any = KeyError) -> Any:
+    if key not in parsed.fields:
         if default is KeyError:
             raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
         return default
-    return field.contents()
+    return parsed.fields[key]
 
 
-def _gguf_config(reader, path: Path) -> dict[str, Any]:
+def _gguf_config(parsed: gguf_file.GGUFFile, path: Path) -> dict[str, Any]:
     """ModelConfig keyword arguments from GGUF metadata (llama.cpp key names)."""
-    arch = _gguf_field(reader, "general.architecture", path)
+    arch = _gguf_field(parsed, "general.architecture", path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(f"{path}: GGUF architecture {arch!r} is not supported; "
                                            f"{_supported_text()}")
     def get(key, default=KeyError):
-        return _gguf_field(reader, f"{arch}.{key}", path, default)
+        return _gguf_field(parsed, f"{arch}.{key}", path, default)
 
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in parsed.tensors}
     width, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", width // heads))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise UnsupportedArchitectureError(f"{path}: partial rotary embeddings are not supported")
-    vocab = get("vocab_size", None) or len(_gguf_field(reader, "tokenizer.ggml.tokens", path))
+    vocab = get("vocab_size", None) or len(_gguf_field(parsed, "tokenizer.ggml.tokens", path))
     kwargs = dict(
         vocab_size=int(vocab), hidden_size=width, intermediate_size=int(get("feed_forward_length")),
         num_layers=int(get("block_count")), num_heads=heads,
@@ -458,13 +458,13 @@ def _read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the reader raises bare ValueError/struct errors on a broken file
+        parsed = gguf_file.read_gguf_file(path)
+    except Exception as err:  # bare ValueError/struct errors on a broken file
         raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from err
-    kwargs = _gguf_config(reader, path)
+    kwargs = _gguf_config(parsed, path)
     permute = {"self_attn.q_proj": kwargs["num_heads"], "self_attn.k_proj": kwargs["num_kv_heads"]}
     tensors, origin = {}, {}
-    for tensor in reader.tensors:
+    for tensor in parsed.tensors:
         hf_name = _hf_name_for_gguf(tensor.name, path)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest dim first
         try:

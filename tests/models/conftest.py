@@ -112,8 +112,10 @@ def interleave_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-def write_gguf(path, model, arch="llama", quantize=(), drop=(), extra=None, skip_metadata=()):
-    """Write ``model`` (a transformers model) as a GGUF file; knobs break it on purpose."""
+def write_gguf(path, model, arch="llama", quantize=(), drop=(), extra=None, skip_metadata=(),
+               tokens=None):
+    """Write ``model`` (a transformers model) as a GGUF file; knobs break it on purpose
+    (``tokens``: a tokenizer.ggml.tokens list)."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     metadata = {"block_count": config.num_hidden_layers, "context_length": 256,
@@ -125,6 +127,8 @@ def write_gguf(path, model, arch="llama", quantize=(), drop=(), extra=None, skip
     for key, value in metadata.items():
         if key not in skip_metadata:
             getattr(writer, f"add_{key}")(value)
+    if tokens is not None:
+        writer.add_token_list(tokens)
     heads = {"self_attn.q_proj": config.num_attention_heads,
              "self_attn.k_proj": config.num_key_value_heads}
     for hf_name, tensor in model.state_dict().items():

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from prefopt_jax.models import Transformer, presets
+from prefopt_jax.models.gguf_file import read_gguf_file
 from prefopt_jax.models.hf import _gguf_config, builtin_path
 from prefopt_jax.train import loop
 
@@ -29,10 +30,8 @@ def test_every_architecture_is_counted():
 
 
 def test_smollm2_135m_matches_the_builtin_gguf_metadata():
-    import gguf
-
     path = builtin_path("smollm2-135m-instruct")
-    released = _gguf_config(gguf.GGUFReader(str(path)), path)
+    released = _gguf_config(read_gguf_file(path), path)
     ours = presets.config("random:smollm2-135m")
     for field, value in released.items():
         if isinstance(value, float):  # GGUF stores float32

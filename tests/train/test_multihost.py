@@ -36,7 +36,8 @@ def command(out_dir, *extra, steps=STEPS, config="configs/experiments/dpo_tiny.g
 
 def env(devices):
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                                       "--xla_backend_optimization_level=0",
+                                       "--xla_backend_optimization_level=0 "
+                                       "--xla_cpu_use_fusion_emitters=false",
             "JAX_PLATFORMS": "cpu"}
 
 

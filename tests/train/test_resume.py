@@ -30,7 +30,8 @@ def records(out_dir):
 
 def env():
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-                                       "--xla_backend_optimization_level=0",
+                                       "--xla_backend_optimization_level=0 "
+                                       "--xla_cpu_use_fusion_emitters=false",
             "JAX_PLATFORMS": "cpu"}
 
 

@@ -140,7 +140,8 @@ def test_gin_dispatch_with_lora(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     registry.parse(["configs/experiments/reward_model_tiny.gin", "configs/models/lora.gin"],
                    ["LoopConfig.steps = 2", f"LoopConfig.output_dir = '{tmp_path}'",
-                    "DataSpec.tiny_examples = 8", "DataSpec.batch_size = 4"])
+                    "DataSpec.tiny_examples = 8", "DataSpec.batch_size = 4",
+                    "DataSpec.length_step = 64"])  # one batch shape: the step compiles once
     values = registry.train()
     assert np.isfinite(values["loss"])
     assert os.path.exists(tmp_path / "reward_model" / "head.npz")
@@ -154,6 +155,8 @@ def gin_run(out_dir, steps, *extra):
                     "LoopConfig.checkpoint_every = 2", "LoopConfig.keep_checkpoints = 2",
                     "LoopConfig.export = False", "DataSpec.tiny_examples = 12",
                     "DataSpec.batch_size = 4",
+                    # one batch shape (rows of 64): the step compiles once, not once per length
+                    "DataSpec.length_step = 64",
                     # one schedule for runs of different lengths (unset, it follows their steps)
                     "OptimConfig.total_steps = 20", *extra])
     return registry.train()
