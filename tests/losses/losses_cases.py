@@ -211,6 +211,12 @@ ROLLOUT = ("ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo"
 GROUPED = ("grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo")
 
 
+def text_names():
+    """The registered objectives over language-model inputs; the diffusion objectives have
+    their own references and cases in test_diffusion_losses.py."""
+    return [n for n in losses.names() if losses.info(n).inputs not in losses.DIFFUSION_INPUTS]
+
+
 def family(name):
     for fam, names in (("unpaired", UNPAIRED), ("listwise", LISTWISE), ("reward", REWARD),
                        ("distill", DISTILL), ("rollout", ROLLOUT)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prefopt_jax.losses as losses
-from losses_cases import GROUPED, LogitsDistill, family, loss_fn
+from losses_cases import GROUPED, LogitsDistill, family, loss_fn, text_names
 
 BF16 = jnp.bfloat16
 
@@ -95,7 +95,7 @@ def _grads(fn, inputs, fields, **hyper):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-LOSSES = losses.names()
+LOSSES = text_names()
 
 
 def both_signs(fam):

@@ -5,7 +5,7 @@ import pytest
 import prefopt_jax.losses as losses
 
 # The objectives of docs/objectives.md: pairwise (+ the MPO mixture), unpaired, listwise,
-# token-level, reward models and online RL.
+# token-level, reward models, online RL and the diffusion objectives.
 SPEC_NAMES = [
     "dpo", "robust", "ipo", "hinge", "slic", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo",
@@ -14,6 +14,7 @@ SPEC_NAMES = [
     "tgdpo", "aligndistil", "cpl", "cpl_kl",
     "bradley_terry",
     "ppo", "rto", "grpo", "dr_grpo", "dapo", "ngrpo", "pref_grpo", "rloo",
+    "diffusion_mse", "diffusion_dpo", "diffusion_kto", "rank_dpo", "seppo", "d3po", "ddpo",
 ]
 
 
