@@ -42,18 +42,24 @@ CLASSIFIER = f"{RUNS}/classifier.npz"
 PRETRAIN = "configs/experiments/diffusion_pretrain_digits.gin"
 FINETUNE = "configs/experiments/diffusion_digits_finetune.gin"
 # run name -> (objective, extra gin bindings). The registry defaults first (the papers' betas,
-# tuned for Stable Diffusion's latents), then a 10x smaller beta for the offline objectives; the
-# trajectory objectives at a 10x smaller learning rate (at 1e-4 D3PO's step ratios left the clip
-# band within 5 steps and its reward fell from 0.64 to 0.3 by step 50; the README says more).
+# set for Stable Diffusion's latents), then a 10x smaller beta or learning rate for the offline
+# objectives; D3PO and DDPO with per-pixel step log-probs (the default, as their released code)
+# and, for comparison, with the summed Gaussian density (`_sum` runs).
 METHODS = {
     "dpo": ("diffusion_dpo", []),
     "dpo_beta500": ("diffusion_dpo", ["AlgoConfig.hyper={'diffusion_dpo': {'beta': 500.0}}"]),
     "kto": ("diffusion_kto", []),
     "kto_beta100": ("diffusion_kto", ["AlgoConfig.hyper={'diffusion_kto': {'beta': 100.0}}"]),
     "kto_lr1e-5": ("diffusion_kto", ["OptimConfig.learning_rate=1e-5"]),
-    "d3po": ("d3po", ["OptimConfig.learning_rate=1e-5"]),
-    "ddpo": ("ddpo", ["OptimConfig.learning_rate=1e-5"]),
-    "ddpo_lr1e-4": ("ddpo", []),
+    "d3po": ("d3po", []),
+    "ddpo": ("ddpo", []),
+    "d3po_lr3e-5": ("d3po", ["OptimConfig.learning_rate=3e-5"]),
+    "ddpo_lr3e-5": ("ddpo", ["OptimConfig.learning_rate=3e-5"]),
+    "d3po_sum_lr1e-5": ("d3po", ["DiffusionConfig.logp_per_pixel=False",
+                                 "OptimConfig.learning_rate=1e-5"]),
+    "ddpo_sum": ("ddpo", ["DiffusionConfig.logp_per_pixel=False"]),
+    "ddpo_sum_lr1e-5": ("ddpo", ["DiffusionConfig.logp_per_pixel=False",
+                                 "OptimConfig.learning_rate=1e-5"]),
 }
 TRAJECTORY = ("d3po", "ddpo")
 PER_CLASS_PAIRS, PER_CLASS_EVAL, GRID_PER_CLASS = 64, 50, 8
@@ -223,11 +229,11 @@ def main() -> None:
           f"{real['fid_like_train_vs_heldout']:.2f}")
     print(f"pairs: {old['pairs']}")
     for sampler in samplers():
-        print(f"\n{sampler}: {'model':12s} {'alignment':>16s} {'accuracy':>9s} "
+        print(f"\n{sampler}: {'model':16s} {'alignment':>16s} {'accuracy':>9s} "
               f"{'FID-like':>9s} {'contrast':>9s}")
         for name, ev in evals.items():
             e = ev[sampler]
-            print(f"{'':{len(sampler) + 2}s}{name:12s} {e['alignment']:9.3f} ± "
+            print(f"{'':{len(sampler) + 2}s}{name:16s} {e['alignment']:9.3f} ± "
                   f"{e['alignment_se']:.3f} {e['accuracy']:9.3f} {e['fid_like']:9.2f} "
                   f"{e['contrast']:9.3f}")
     print("training", training)

@@ -11,7 +11,8 @@ The objective's declaration says what a step needs; the task supplies it:
   trajectory          trajectories sampled from the current policy each step (`d3po`, `ddpo`):
                       `group_size` per prompt from one start noise (D3PO's pairs), rewarded by
                       `DiffusionConfig.reward`; the step recomputes each transition's log-prob
-                      under the policy (gradient) and the reference;
+                      under the policy (gradient) and the reference, averaged over pixels by
+                      default (`DiffusionConfig.logp_per_pixel`);
   reference_samples   (SePPO) the reference is a previous policy snapshot drawn at random every
                       `reference_every` steps, and its own sample for each prompt replaces the
                       rejected image.
@@ -75,6 +76,10 @@ class DiffusionConfig:
         "classifier:PATH", "contrast" or "module:function".
       reference_every: SePPO: snapshot the policy and redraw the reference every this many steps.
       reference_pool: SePPO: how many snapshots are kept (the oldest go first).
+      logp_per_pixel: trajectory objectives read each step's Gaussian log-prob averaged over
+        the pixels, as DDPO's and D3PO's released code does (their clip ranges and betas are
+        set for it); False: the density summed over pixels, which is the sampler's own
+        (`sampling.Trajectory.logps_sb`) and makes every ratio `H*W*C` times as sensitive.
     """
 
     label_dropout: float = 0.0
@@ -89,6 +94,7 @@ class DiffusionConfig:
     reward: str = "contrast"
     reference_every: int = 10
     reference_pool: int = 4
+    logp_per_pixel: bool = True
 
     def __post_init__(self):
         if not 0 <= self.label_dropout < 1:
@@ -123,6 +129,7 @@ class DiffusionSetup:
     sampler: sampling.SamplerConfig
     label_dropout: float = 0.0
     fp32_state: bool = True
+    logp_scale: float = 1.0  # trajectory log-probs times this (1 / pixels: per-pixel means)
 
     @property
     def kind(self) -> str:
@@ -194,11 +201,12 @@ def denoising_inputs(setup: DiffusionSetup, policy, ref, batch, rng):
 def trajectory_inputs(setup: DiffusionSetup, policy, ref, batch) -> dl.TrajectoryInputs:
     """Each sampled transition's log-prob under the policy (gradient) and the reference."""
     xs_snhwc = jnp.moveaxis(batch["xs_nshwc"], 1, 0)
-    logps = lambda m: sampling.step_logps(m, xs_snhwc, batch["label_n"],  # noqa: E731
-                                          schedule=setup.schedule, config=setup.sampler).T
+    scale = setup.logp_scale
+    logps = lambda m: scale * sampling.step_logps(  # noqa: E731
+        m, xs_snhwc, batch["label_n"], schedule=setup.schedule, config=setup.sampler).T
     ref_ns = None if ref is None else jax.lax.stop_gradient(logps(ref))
     return dl.TrajectoryInputs(logps(policy), batch["mask_ns"], batch["reward_n"],
-                               ref_logps_ns=ref_ns, old_logps_ns=batch["old_logps_ns"],
+                               ref_logps_ns=ref_ns, old_logps_ns=scale * batch["old_logps_ns"],
                                prompt_id_n=batch["prompt_id_n"], valid_n=batch["pair_valid"])
 
 
@@ -286,9 +294,11 @@ class DiffusionTask:
         rows = config.prompts_per_step if kind == "trajectory" else data_spec.batch_size
         self.loader = data_lib.ImageLoader(arrays, rows, loop.seed)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        pixels = int(np.prod(model.image_shape))
         self.setup = DiffusionSetup(graphdef, optim.build_optimizer(optim_config), objective,
                                     schedule, config.sampler_config(), config.label_dropout,
-                                    optim_config.fp32_state)
+                                    optim_config.fp32_state,
+                                    1.0 / pixels if config.logp_per_pixel else 1.0)
         self.needs = objective.info.active_needs(objective.hyper)
         if kind == "trajectory" and not config.sampler_config().stochastic:
             raise ConfigError("DiffusionConfig: trajectory objectives need step densities: "

@@ -12,6 +12,7 @@ tests/test_objectives.py; a SIGKILLed diffusion run resumes exactly in tests/tra
 test_resume.py.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -21,7 +22,7 @@ import pytest
 from prefopt_jax.data.formats import DataError
 from prefopt_jax.diffusion import data as data_lib
 from prefopt_jax.diffusion.spec import DiffusionModelSpec
-from prefopt_jax.diffusion.train import DiffusionConfig, DiffusionTask
+from prefopt_jax.diffusion.train import DiffusionConfig, DiffusionTask, trajectory_inputs
 from prefopt_jax.errors import ConfigError
 from prefopt_jax.losses import ObjectiveError
 from prefopt_jax.train import build, optim
@@ -93,6 +94,20 @@ def test_trajectories_are_the_policy_samples_and_pairs_share_start_noise(tmp_pat
     # The sampler's log-probs are the ones the step recomputes: ratio 1 at the first update.
     assert values[0]["approx_kl"] < 1e-8
     assert values[0]["advantages/abs"] > 0.5
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_trajectory_log_probs_are_per_pixel_means_or_the_sampler_densities(per_pixel, tmp_path):
+    # DDPO's and D3PO's released code averages each step's Gaussian log-prob over the pixels
+    # (their clip ranges assume it); logp_per_pixel=False keeps the sampler's summed density.
+    t = task("d3po", tmp_path, config=dataclasses.replace(CONFIG, logp_per_pixel=per_pixel))
+    batch = {k: v[0] for k, v in t.next_batch(1).items() if k != "example_index"}
+    with jax.set_mesh(t.mesh):
+        inputs = trajectory_inputs(t.setup, t.model(), t.model(t.state.ref), batch)
+    want = batch["old_logps_ns"] / (8 * 8 * 1 if per_pixel else 1)  # the sampler's, summed
+    assert np.abs(batch["old_logps_ns"]).max() > 10.0  # a sum over 64 pixels, not a mean
+    for got in (inputs.logps_ns, inputs.ref_logps_ns, inputs.old_logps_ns):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_seppo_draws_its_reference_from_policy_snapshots(tmp_path):
