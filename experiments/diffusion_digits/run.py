@@ -1,7 +1,6 @@
 """Diffusion-DPO, Diffusion-KTO, D3PO and DDPO on scikit-learn's handwritten digits.
 
     python experiments/diffusion_digits/run.py [--steps 200] [--methods dpo,kto,d3po,ddpo]
-        [--gin 'ddpo:OptimConfig.learning_rate=3e-5']
 
 1. `classifier`: a small CNN trained on the 1,438 training digits (16x16), kept at
    `runs/diffusion_digits/classifier.npz`; its probability of the conditioned class is the
@@ -83,14 +82,18 @@ def samplers() -> dict:
             "ddim50_eta0": SamplerConfig(method="ddim", num_steps=50, eta=0.0, clip_x0=1.0)}
 
 
-def sample(model_dir: str, per_class: int, seed: int, config):
+def load_model(model_dir: str):
+    """(model, schedule) of a saved diffusion model directory."""
+    from prefopt_jax.diffusion.spec import DiffusionModelSpec, load
+    return load(DiffusionModelSpec(source=path(model_dir)))
+
+
+def sample(model, schedule, per_class: int, seed: int, config):
     """`per_class` samples of each class (numpy images, labels), in chunks of 200."""
     import jax
 
     from prefopt_jax.diffusion import sampling
-    from prefopt_jax.diffusion.spec import DiffusionModelSpec, load
 
-    model, schedule = load(DiffusionModelSpec(source=path(model_dir)))
     labels = np.repeat(np.arange(model.config.num_classes, dtype=np.int32), per_class)
     key, images = jax.random.key(seed), []
     for start in range(0, len(labels), 200):
@@ -105,7 +108,7 @@ def build_pairs(reward_fn, model_dir: str, out_dir: str, per_class: int = PER_CL
     """Pairs of a model's own samples ranked by `reward_fn(images, labels)`: in each class the
     i-th best sample is chosen over the (i + per_class/2)-th best. Writes `samples.npy` and
     `pairs.jsonl` to `out_dir`; returns the pairs' summary."""
-    images, labels = sample(model_dir, per_class, seed, samplers()["ddim20_eta1"])
+    images, labels = sample(*load_model(model_dir), per_class, seed, samplers()["ddim20_eta1"])
     reward = np.asarray(reward_fn(images, labels), np.float64)
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, "samples.npy"), images)
@@ -130,9 +133,9 @@ def evaluate(name: str, model_dir: str, clf, real_heldout) -> dict:
     from prefopt_jax.diffusion import rewards
     from prefopt_jax.diffusion.digits import save_grid
 
-    out = {}
+    out, (model, schedule) = {}, load_model(model_dir)
     for sampler, config in samplers().items():
-        images, labels = sample(model_dir, PER_CLASS_EVAL, EVAL_SEED, config)
+        images, labels = sample(model, schedule, PER_CLASS_EVAL, EVAL_SEED, config)
         align = np.asarray(rewards.class_alignment(clf)(images, labels), np.float64)
         out[sampler] = {
             "alignment": float(align.mean()),
@@ -159,9 +162,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per objective")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--gin", action="append", default=[],
-                   help="METHOD:BINDING, an extra gin binding for one method's run "
-                        "(e.g. 'ddpo:OptimConfig.learning_rate=3e-4')")
     args = p.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -197,15 +197,15 @@ def main() -> None:
         if os.path.isdir(path(f"{run}/export")):
             continue
         objective, bindings = METHODS[method]
-        extra = [f"--gin.{b}" for b in bindings]
-        extra += [f"--gin.{b.split(':', 1)[1]}" for b in args.gin if b.split(":")[0] == method]
         fresh.add(method)
         wall[method] = prefopt("train", FINETUNE, f"configs/algos/{objective}.gin",
                                f"--gin.LoopConfig.output_dir='{run}'",
-                               f"--gin.LoopConfig.steps={args.steps}", *extra)
+                               f"--gin.LoopConfig.steps={args.steps}",
+                               *[f"--gin.{b}" for b in bindings])
     t = time.time()
-    models = {"pretrained": f"{RUNS}/pretrain/export",
-              **{m: f"{RUNS}/{m}/export" for m in METHODS if os.path.isdir(path(f"{RUNS}/{m}/export"))}}
+    models = {"pretrained": f"{RUNS}/pretrain/export"}
+    models.update({m: f"{RUNS}/{m}/export" for m in METHODS
+                   if os.path.isdir(path(f"{RUNS}/{m}/export"))})
     known = old.get("evaluation", {})
     evals = {name: known[name] if name in known and name not in fresh
              else evaluate(name, d, clf, held_x) for name, d in models.items()}
@@ -220,8 +220,7 @@ def main() -> None:
                        "last_10": float(np.mean(c[-10:])), "steps": len(c)}
     results = {"real_digits": real, "pairs": old["pairs"], "evaluation": evals,
                "training": training, "wall_seconds": wall, "steps": args.steps,
-               "runs": {m: {"objective": METHODS[m][0], "gin": METHODS[m][1]} for m in METHODS},
-               "extra_gin": args.gin or old.get("extra_gin", [])}
+               "runs": {m: {"objective": METHODS[m][0], "gin": METHODS[m][1]} for m in METHODS}}
     with open(results_path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"real held-out digits: classifier accuracy {real['classifier_heldout_accuracy']:.3f}, "

@@ -298,7 +298,7 @@ class DiffusionTask:
         self.setup = DiffusionSetup(graphdef, optim.build_optimizer(optim_config), objective,
                                     schedule, config.sampler_config(), config.label_dropout,
                                     optim_config.fp32_state,
-                                    1.0 / pixels if config.logp_per_pixel else 1.0)
+                                    logp_scale=1.0 / pixels if config.logp_per_pixel else 1.0)
         self.needs = objective.info.active_needs(objective.hyper)
         if kind == "trajectory" and not config.sampler_config().stochastic:
             raise ConfigError("DiffusionConfig: trajectory objectives need step densities: "

@@ -16,7 +16,6 @@ without a KL term both keep going past m* to 1.0 if trained longer or faster, as
 lr 1e-3).
 """
 
-
 import jax
 import numpy as np
 import pytest
