@@ -41,6 +41,11 @@ class DataSpec:
     `row_length` and `length_step` are the layout's (`data.LayoutConfig`): the packed row
     length (None: the bucket of the longest example), and finer per-batch row lengths (multiples
     of it; less padding, more compiled shapes).
+
+    `flip_rate` and `relabel_with_scores` are the data transforms of the studies
+    (`data.transforms`): swap chosen and rejected in a seeded `flip_rate` share of the examples
+    (label noise), and turn each scored pair into two score-conditioned pairs (reward-augmented
+    DPO; the file needs `score_chosen` and `score_rejected`). Text sources only.
     """
 
     source: str = "tiny"
@@ -52,6 +57,12 @@ class DataSpec:
     shuffle: bool = True
     row_length: int | None = None
     length_step: int | None = None
+    flip_rate: float = 0.0
+    relabel_with_scores: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip_rate <= 1.0:
+            raise ValueError(f"DataSpec.flip_rate must be in [0, 1], got {self.flip_rate}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +108,9 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int, row_multi
                                    row_length=spec.row_length, length_step=spec.length_step)
     pi, pc = jax.process_index(), jax.process_count()
     if spec.source == "tiny":
+        if spec.flip_rate or spec.relabel_with_scores:
+            raise ValueError("DataSpec.flip_rate and DataSpec.relabel_with_scores transform text "
+                             "records; DataSpec.source='tiny' has none (use a preference file)")
         full = synthetic.tiny_data(kind, spec.tiny_examples, seed, vocab_size, win_probs)
         lo, hi = data_lib.shard_range(len(full), pi, pc)
         data = full.select(np.arange(lo, hi)) if pc > 1 else full
@@ -107,7 +121,9 @@ def make_loader(spec: DataSpec, tokenizer, seed: int, vocab_size: int, row_multi
                              "tokenizer files); use DataSpec.source='tiny' (synthetic tokens) or "
                              "a model that ships its tokenizer")
         config = data_lib.DataConfig(max_length=spec.max_length, seed=seed,
-                                     ranked="listwise" if kind == "listwise" else "best_vs_worst")
+                                     ranked="listwise" if kind == "listwise" else "best_vs_worst",
+                                     flip_rate=spec.flip_rate,
+                                     relabel_with_scores=spec.relabel_with_scores)
         data, report = data_lib.prepare(data_lib.open_source(spec.source), tokenizer, config,
                                         pi, pc)
         print(report.summary(), flush=True)

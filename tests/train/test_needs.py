@@ -166,3 +166,32 @@ def test_data_files_are_read_as_the_kind_the_objective_needs(tmp_path):
                                                "win_prob_rejected": 0.4} for r in rows])
     batch = loop.make_loader(spec(won), tokenizer, 0, vocab, win_probs=True).next_batch()
     np.testing.assert_allclose(batch["win_prob_chosen"], [0.7, 0.7])
+
+
+def test_data_spec_applies_the_studies_transforms(tmp_path):
+    """DataSpec.flip_rate swaps a seeded share of the pairs and DataSpec.relabel_with_scores
+    doubles scored pairs with score-conditioned prompts, through the loader training uses; both
+    are refused for synthetic data and a rate outside [0, 1] is refused at construction."""
+    from prefopt_jax.train import loop
+
+    tokenizer = synthetic.tiny_tokenizer()
+    vocab = len(tokenizer)
+    rows = [{"prompt": f"q{i}", "chosen": f" good {i}", "rejected": f" bad {i}",
+             "score_chosen": 0.5, "score_rejected": -0.5} for i in range(40)]
+    path = write_rows(tmp_path / "scored.jsonl", rows)
+    spec = lambda **kw: loop.DataSpec(source=path, max_length=64, batch_size=2, **kw)  # noqa
+    clean = loop.make_loader(spec(), tokenizer, 0, vocab).data
+    noisy = loop.make_loader(spec(flip_rate=0.5), tokenizer, 0, vocab).data
+    flipped = noisy.fields["flipped"].astype(bool)
+    assert 8 <= flipped.sum() <= 32
+    for i in range(len(noisy)):
+        side = 1 if flipped[i] else 0
+        np.testing.assert_array_equal(noisy.completion(i, 0), clean.completion(i, side))
+    relabelled = loop.make_loader(spec(relabel_with_scores=True), tokenizer, 0, vocab).data
+    assert len(relabelled) == 80
+    assert tokenizer.decode(list(relabelled.prompt(1))).endswith("rated -0.5.")
+    np.testing.assert_array_equal(relabelled.completion(1, 0), clean.completion(0, 1))
+    with pytest.raises(ValueError, match="DataSpec.flip_rate and DataSpec.relabel_with_scores"):
+        loop.make_loader(loop.DataSpec(flip_rate=0.1), None, 0, vocab)
+    with pytest.raises(ValueError, match="DataSpec.flip_rate must be in"):
+        loop.DataSpec(flip_rate=1.5)
