@@ -311,6 +311,19 @@ def all_pairs(mdp, data_logps_ps=None):
     return PairSet(prompt_k, chosen_k, rejected_k, weight_k)
 
 
+def flipped_pairs(pairs, rate):
+    """The pair set in expectation over flipping each label with probability ``rate``: the same
+    pairs weighted ``(1 - rate) w`` and the swapped pairs weighted ``rate w`` (the expectation of
+    the data transform ``data.transforms.flip_labels`` over its random choices)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"flip rate must be in [0, 1], got {rate}")
+    weight_k = np.asarray(pairs.weight_k, np.float64)
+    return PairSet(np.concatenate([pairs.prompt_k, pairs.prompt_k]),
+                   np.concatenate([pairs.chosen_k, pairs.rejected_k]),
+                   np.concatenate([pairs.rejected_k, pairs.chosen_k]),
+                   np.concatenate([(1 - rate) * weight_k, rate * weight_k]))
+
+
 def sample_pairs(mdp, num_pairs, seed=0, data_logps_ps=None):
     """Pairs as a dataset would hold them: a uniform prompt, two responses from ``pi_data`` and a
     Bradley-Terry label from the true reward; each pair weighs ``1/num_pairs``."""

@@ -147,6 +147,31 @@ def test_sampled_pairs_match_the_expected_loss(mdp, pairs):
     assert tabular.kl(tabular.optimal_sequence_logps(mdp), seq_ps) < 0.02
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_flipped_pairs_make_rdpo_unbiased_and_pull_dpo_to_the_reference(mdp, pairs, rate):
+    """rDPO on labels flipped at its rate has DPO's clean expected loss at any policy (its
+    unbiasedness claim); DPO on the same noisy pairs has a different, flatter loss."""
+    from prefopt_jax import losses
+
+    noisy = tabular.flipped_pairs(pairs, rate)
+    assert len(noisy.weight_k) == 2 * len(pairs.weight_k)
+    assert float(noisy.weight_k.sum()) == pytest.approx(1.0)
+    ref = mdp.ref_logits_pnv
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        logits = ref + rng.normal(0.0, 1.0, ref.shape)
+        clean = tabular.expected_loss(logits, losses.get("dpo"), pairs, mdp.tree, ref,
+                                      {"beta": BETA})
+        robust = tabular.expected_loss(logits, losses.get("robust"), noisy, mdp.tree, ref,
+                                       {"beta": BETA, "label_smoothing": rate})
+        plain = tabular.expected_loss(logits, losses.get("dpo"), noisy, mdp.tree, ref,
+                                      {"beta": BETA})
+        assert float(robust) == pytest.approx(float(clean), rel=1e-5)
+        assert abs(float(plain) - float(clean)) > 1e-3
+    with pytest.raises(ValueError, match="flip rate"):
+        tabular.flipped_pairs(pairs, 1.5)
+
+
 def test_beam_search(mdp, fitted):
     tree = mdp.tree
     for logits_pnv in (fitted["dpo"].logits_pnv, mdp.ref_logits_pnv):
