@@ -22,14 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import sentiment_lab as lab  # noqa: E402  (experiments/ is not an installed package)
+
 CONFIG = "configs/experiments/rto_sentiment.gin"
-HELDOUT = "experiments/quickstart/data/heldout.jsonl"
 RTO = ["configs/algos/rto.gin",
        "--gin.AlgoConfig.hyper={'rto': {'beta1': 0.1, 'clip': 0.5, 'beta2': 0.05, "
        "'beta3': 0.0}}",
@@ -37,39 +38,10 @@ RTO = ["configs/algos/rto.gin",
 SAMPLES_PER_ITERATION = 16  # 8 prompts x 2
 
 
-def prefopt(*args) -> float:
-    """`prefopt ARGS` from the repository root; its wall time in seconds."""
-    t = time.time()
-    subprocess.run([sys.executable, "-m", "prefopt_jax.cli", *args], cwd=ROOT, check=True)
-    return time.time() - t
-
-
-def records(out: str) -> list[dict]:
-    with open(os.path.join(ROOT, out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def evaluate(source: str, base, tokenizer, prompts: list, seed: int = 0) -> dict:
     """Mean VADER sentiment of 2 sampled replies per prompt, and their KL to the base model."""
-    from prefopt_jax.evals import metrics
-    from prefopt_jax.models.spec import ModelSpec, load_model
-    from prefopt_jax.rewards.sentiment import compound
-    from prefopt_jax.sampling import scorers, search
-    from prefopt_jax.sampling.generate import SamplingConfig
-
-    policy = base if source == "base" else load_model(ModelSpec(source=source))[0]
-    config = SamplingConfig(max_new_tokens=48, temperature=1.0,
-                            stop_ids=(int(tokenizer.eos_token_id),))
-    pad = int(tokenizer.pad_token_id or 0)
-    ours = search.sample_candidates(policy, prompts, 2, config, seed, pad)
-    mask_qc = ours.mask_bnc.reshape(2 * len(prompts), -1)
-    texts = [tokenizer.decode(t[m > 0], skip_special_tokens=True)
-             for t, m in zip(ours.tokens_bnc.reshape(mask_qc.shape[0], -1), mask_qc)]
-    ref_qc = scorers.completion_logps(base, ours, pad).reshape(mask_qc.shape)
-    return {"sentiment": float(compound(texts).mean()),
-            "kl": metrics.sampled_kl(ours.logps_bnc.reshape(mask_qc.shape), ref_qc, mask_qc,
-                                     "k1"),
-            "length": float(mask_qc.sum(-1).mean()), "examples": texts[:4]}
+    policy = base if source == "base" else lab.load_policy(source)
+    return lab.evaluate(policy, base, tokenizer, prompts, samples=2, seed=seed)
 
 
 def first_reaching(curve: list[float], level: float) -> int | None:
@@ -111,21 +83,18 @@ def main() -> None:
     p.add_argument("--level", type=float, default=0.6, help="the sentiment level to reach")
     args = p.parse_args()
     wall = {}
-    if not os.path.isdir(os.path.join(ROOT, args.dpo)):
-        wall["dpo"] = prefopt("train", "configs/experiments/quickstart.gin")
+    if not os.path.isdir(os.path.join(lab.ROOT, args.dpo)):
+        wall["dpo"] = lab.prefopt("train", "configs/experiments/quickstart.gin")
     for method in ("ppo", "rto"):
         out = f"{args.runs}/{method}"
         extra = RTO + [f"--gin.TEACHER='{args.dpo}'"] if method == "rto" else []
-        wall[method] = prefopt("train", CONFIG, *extra, f"--gin.LoopConfig.output_dir='{out}'",
-                               f"--gin.LoopConfig.steps={args.steps}")
-    runs = {m: records(f"{args.runs}/{m}") for m in ("ppo", "rto")}
+        wall[method] = lab.prefopt("train", CONFIG, *extra,
+                                   f"--gin.LoopConfig.output_dir='{out}'",
+                                   f"--gin.LoopConfig.steps={args.steps}")
+    runs = {m: lab.read_metrics(f"{args.runs}/{m}") for m in ("ppo", "rto")}
 
-    from prefopt_jax.models.spec import ModelSpec, load_model
-    from prefopt_jax.sampling.onpolicy import prompt_ids
-
-    base, tokenizer = load_model(ModelSpec(source="smollm2-135m-instruct"))
-    with open(os.path.join(ROOT, HELDOUT)) as f:
-        prompts = [prompt_ids(tokenizer, json.loads(line)["prompt"]) for line in f]
+    base, tokenizer = lab.load_base()
+    prompts = lab.prompt_ids(tokenizer, lab.read_prompts())
     t = time.time()
     held = {name: evaluate(source, base, tokenizer, prompts)
             for name, source in (("base", "base"), ("dpo", args.dpo),
