@@ -12,6 +12,7 @@ Shape letters: `b` prompts, `n` samples per prompt, `q` = b * n replies, `c` rep
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -27,6 +28,36 @@ QUICKSTART = "configs/experiments/quickstart.gin"
 TRAIN = "experiments/quickstart/data/train.jsonl"
 HELDOUT = "experiments/quickstart/data/heldout.jsonl"
 MODEL = "smollm2-135m-instruct"
+
+
+def parser(doc: str, steps: int = 30) -> argparse.ArgumentParser:
+    """A study's command line (`--steps`: training steps per run), after keeping freed host
+    memory, which must happen before JAX starts (see prefopt_jax/hostmem.py)."""
+    from prefopt_jax import hostmem
+
+    hostmem.keep_freed_memory()
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=steps, help="training steps of each run")
+    return p
+
+
+def subplots(*args, **kwargs):
+    """`plt.subplots` on the file-only Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str, legend_axes=None, **legend_kw) -> None:
+    """Grids on every panel, legends on `legend_axes` (default: all), saved as a PNG."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+    for ax in fig.axes if legend_axes is None else legend_axes:
+        ax.legend(**{"fontsize": 7, **legend_kw})
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def prefopt(*args: str) -> float:

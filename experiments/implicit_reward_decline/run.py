@@ -24,7 +24,6 @@ Writes `results.json` and `implicit_rewards.png` beside this file; runs go to
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -56,11 +55,7 @@ def rewards(policy, ref_logps: dict, data: dict) -> dict:
 
 
 def plot(curves: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = lab.subplots(1, 3, figsize=(14, 3.8))
     for i, (run, curve) in enumerate(curves.items()):
         steps = [c["step"] for c in curve]
         for ax, name in zip(axes[:2], SETS):
@@ -74,21 +69,13 @@ def plot(curves: dict, path: str) -> None:
                      color=f"C{i}", label=run)
     axes[2].set(xlabel="DPO step", ylabel="log pi(y_w) per token",
                 title="chosen replies' log-prob (train)")
-    for ax in axes:
-        if ax is not axes[2]:
-            ax.axhline(0.0, color="grey", lw=0.8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for ax in axes[:2]:
+        ax.axhline(0.0, color="grey", lw=0.8)
+    lab.save_figure(fig, path)
 
 
 def main() -> None:
-    from prefopt_jax import hostmem
-
-    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p = lab.parser(__doc__)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=30)
     p.add_argument("--runs", default="runs/implicit_reward_decline")

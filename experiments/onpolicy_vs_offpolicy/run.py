@@ -17,7 +17,6 @@ Writes `results.json` and `onpolicy_vs_offpolicy.png` beside this file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -50,11 +49,7 @@ def at_matched_kl(on: list[dict], kl: float) -> float | None:
 
 
 def plot(results: dict, base: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = lab.subplots(figsize=(7.5, 4.5))
     for source, marker in (("on", "o"), ("off", "s")):
         rows = sorted(results[source], key=lambda r: r["kl"])
         ax.errorbar([r["kl"] for r in rows], [r["sentiment"] for r in rows],
@@ -67,19 +62,12 @@ def plot(results: dict, base: dict, path: str) -> None:
     ax.set(xlabel="sampled KL(policy || base) per reply (nats)",
            ylabel="mean VADER sentiment of sampled replies",
            title="DPO on on-policy vs off-policy pairs, 41 held-out prompts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    lab.save_figure(fig, path, fontsize=8)
 
 
 def main() -> None:
-    from prefopt_jax import hostmem
-
-    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = lab.parser(__doc__)
     p.add_argument("--betas", type=float, nargs="*", default=[0.03, 0.1, 0.3])
-    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--samples", type=int, default=4)
     args = p.parse_args()
     wall = {}

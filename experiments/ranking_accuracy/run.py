@@ -24,7 +24,6 @@ Writes `results.json` and `ranking_accuracy.png` beside this file; the run goes 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -86,11 +85,7 @@ def difficulty_table(pol: dict, ref: dict, edges=(0.0, 2.0, 5.0, 10.0, np.inf)) 
 
 
 def plot(curve: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = lab.subplots(1, 2, figsize=(12, 4))
     for ax, name in zip(axes, SETS):
         steps = [c["step"] for c in curve[name]]
         for key, style in (("ranking_accuracy", "o-"), ("ranking_accuracy_length_normalised",
@@ -102,18 +97,11 @@ def plot(curve: dict, path: str) -> None:
                     ls=ls, lw=1, label=f"idealised, alpha {alpha:g}")
         ax.set(xlabel="DPO step", ylabel="share of pairs", ylim=(0, 1.02),
                title=f"{name} pairs ({curve[name][0]['pairs']})")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    lab.save_figure(fig, path, [axes[0]], loc="lower right")
 
 
 def main() -> None:
-    from prefopt_jax import hostmem
-
-    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p = lab.parser(__doc__)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--run", default="runs/ranking_accuracy/dpo", help="the run directory")
     args = p.parse_args()

@@ -21,7 +21,6 @@ and of greedy replies, and the sampled KL to the base model given the same promp
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -43,29 +42,18 @@ def conditioned(prompts: list, score: float) -> list:
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = lab.subplots(figsize=(7.5, 4.5))
     for i, (name, r) in enumerate(results.items()):
         ax.errorbar([r["kl"]], [r["sentiment"]], xerr=[r["kl_se"]], yerr=[r["sentiment_se"]],
                     marker="o^sDvP"[i % 6], color=f"C{i}", ls="none", capsize=3, label=name)
     ax.set(xlabel="sampled KL(policy || base) per reply, same prompt (nats)",
            ylabel="mean VADER sentiment of sampled replies",
            title="Reward-augmented DPO vs DPO, 41 held-out prompts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    lab.save_figure(fig, path)
 
 
 def main() -> None:
-    from prefopt_jax import hostmem
-
-    hostmem.keep_freed_memory()  # before JAX starts (see prefopt_jax/hostmem.py)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p = lab.parser(__doc__)
     p.add_argument("--samples", type=int, default=4, help="held-out replies per prompt")
     p.add_argument("--runs", default="runs/reward_augmented", help="output directories' parent")
     args = p.parse_args()
