@@ -87,15 +87,15 @@ def main() -> None:
     seconds = lab.train(sft, "configs/algos/sft.gin", f"--gin.LoopConfig.steps={args.sft_steps}")
     if seconds is not None:
         wall["sft"] = round(seconds, 1)
-    starts = {"base_ref": (lab.MODEL, []),
-              "sft_ref": (os.path.join(lab.ROOT, sft, "export"),
-                          [f"--gin.ModelSpec.source='{os.path.join(lab.ROOT, sft, 'export')}'"])}
     base, tokenizer = lab.load_base()
+    # run -> (its reference, the gin arguments that start DPO from it)
+    starts = {"base_ref": (base, []),
+              "sft_ref": (lab.load_policy(sft),
+                          [f"--gin.ModelSpec.source='{os.path.join(lab.ROOT, sft, 'export')}'"])}
     data = {name: policy_eval.load_pairs(os.path.join(lab.ROOT, path), tokenizer, 64)
             for name, path in SETS.items()}
     curves = {}
-    for run, (source, gin_args) in starts.items():
-        reference = base if source == lab.MODEL else lab.load_policy(f"{sft}")
+    for run, (reference, gin_args) in starts.items():
         ref_logps = {name: policy_eval.sequence_logps(reference, d)[:2]
                      for name, d in data.items()}
         curves[run] = [{"step": 0, **rewards(reference, ref_logps, data)}]

@@ -47,6 +47,11 @@ def pair_logps(model, data) -> dict:
     return {"w": l_w, "l": l_l, "n_w": n_w, "n_l": n_l}
 
 
+def dpo_loss_p(pol: dict, ref: dict) -> np.ndarray:
+    """Each pair's DPO loss `-log s(b [(L_w - L_w^ref) - (L_l - L_l^ref)])`."""
+    return np.logaddexp(0.0, -BETA * ((pol["w"] - ref["w"]) - (pol["l"] - ref["l"])))
+
+
 def measures(pol: dict, ref: dict) -> dict:
     """The figures of one policy on one pair set (ties count as wrong)."""
     from prefopt_jax.evals import metrics
@@ -56,8 +61,7 @@ def measures(pol: dict, ref: dict) -> dict:
                pol["w"] / pol["n_w"] > pol["l"] / pol["n_l"])),
            "implicit_reward_accuracy": metrics.implicit_reward_accuracy(
                pol["w"], ref["w"], pol["l"], ref["l"], BETA),
-           "mean_dpo_loss": float(np.mean(np.logaddexp(
-               0.0, -BETA * ((pol["w"] - ref["w"]) - (pol["l"] - ref["l"])))))}
+           "mean_dpo_loss": float(np.mean(dpo_loss_p(pol, ref)))}
     for alpha in ALPHAS:
         out[f"idealised_alpha_{alpha:g}"] = metrics.idealised_ranking_accuracy(
             ref["w"], ref["l"], np.full(len(ref["w"]), alpha), BETA)
@@ -70,8 +74,7 @@ def difficulty_table(pol: dict, ref: dict, edges=(0.0, 2.0, 5.0, 10.0, np.inf)) 
     from prefopt_jax.evals import metrics
 
     c_p = ref["l"] - ref["w"]
-    loss_p = np.logaddexp(0.0, -BETA * ((pol["w"] - ref["w"]) - (pol["l"] - ref["l"])))
-    below_p = loss_p <= metrics.flip_threshold(ref["w"], ref["l"], BETA)
+    below_p = dpo_loss_p(pol, ref) <= metrics.flip_threshold(ref["w"], ref["l"], BETA)
     fixed_p = pol["w"] > pol["l"]
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):

@@ -36,8 +36,7 @@ def test_stages_follow_the_one_run_trajectory(tmp_path):
     staged = str(tmp_path / "staged")
     (tmp_path / "staged").mkdir()
     (tmp_path / "staged" / "metrics.jsonl").write_text('{"step": 9, "loss": 0.0}\n')
-    stages = [step for step, seconds in lab.train_in_stages(staged, 4, 2, config=tiny)
-              if seconds > 0]
+    stages = [step for step, _ in lab.train_in_stages(staged, 4, 2, config=tiny)]
     assert stages == [2, 4]
     ours, theirs = lab.read_metrics(staged), lab.read_metrics(one)
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
