@@ -23,7 +23,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +202,8 @@ def attention_block(t: int) -> int | None:
 
 
 def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
-           mask_b1ts: jax.Array, causal_block: int | None = None) -> jax.Array:
+           mask_b1ts: jax.Array, causal_block: int | None = None,
+           heads_first: bool = False) -> jax.Array:
     """Masked softmax attention with grouped query heads, ``[B, T, H, E]`` out.
 
     Query head ``h`` reads kv head ``h // (H / K)`` (HF's GQA grouping). Scores and softmax are
@@ -218,6 +219,9 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     only, the slots after ``hi`` being masked for all of them. Same result; with blocks of 64
     on SmolLM2's heads XLA:CPU runs the forward 1.9-2.7x and the gradient 1.1-1.9x faster than
     one block at T = 128 to 512 (benchmarks/attention.py, figures in benchmarks/README.md).
+
+    ``heads_first``: keys and values come as ``[B, K, S, E]`` (the KV cache's layout), so they
+    need no transpose.
     """
     out_dtype = v_bske.dtype
     # Low-precision q, k, v are widened: both products then run in float32, which XLA:CPU
@@ -226,11 +230,13 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     q_bthe, k_bske, v_bske = (x.astype(jnp.promote_types(x.dtype, jnp.float32))
                               for x in (q_bthe, k_bske, v_bske))
     b, t, h, e = q_bthe.shape
-    s, k = k_bske.shape[1], k_bske.shape[2]
+    if heads_first:
+        k_bkse, v_bkse = k_bske, v_bske
+    else:
+        k_bkse, v_bkse = k_bske.transpose(0, 2, 1, 3), v_bske.transpose(0, 2, 1, 3)
+    k, s = k_bkse.shape[1], k_bkse.shape[2]
     g = h // k
     q_bkgte = q_bthe.reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4)
-    k_bkse = k_bske.transpose(0, 2, 1, 3)
-    v_bkse = v_bske.transpose(0, 2, 1, 3)
     # An additive bias rather than a select: its gradient is the identity, so the backward
     # materialises no [B, K, G, T, S] broadcast of the mask.
     bias_b11ts = jnp.where(mask_b1ts, np.float32(0), np.float32(MASKED_SCORE))[:, :, None]
@@ -288,15 +294,6 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed_btd
 
 
-class StackedKV(NamedTuple):
-    """The whole model's KV cache `[L, B, S, K, E]` handed to layer `layer`, which writes its
-    new keys and values into it in place (no per-layer slice copied out and stacked back)."""
-
-    k: jax.Array
-    v: jax.Array
-    layer: int
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
 
@@ -321,7 +318,8 @@ class Attention(nnx.Module):
         return constrain(out, names)
 
     def __call__(self, x_btd, cos_bte, sin_bte, mask_b1ts, kv=None, index=None):
-        """Attend; with ``kv = (k_bske, v_bske)`` write new keys at ``index`` and attend all slots.
+        """Attend; with ``kv = (k_bkse, v_bkse)``, this layer's cache, write the new keys and
+        values at slot ``index`` and attend all slots.
 
         Returns ``(out_btd, new_kv)``; ``new_kv`` is None without a cache.
         """
@@ -330,22 +328,20 @@ class Attention(nnx.Module):
         q_bthe = apply_rope(self._project(x_btd, self.w_q, self.b_q, q_names), cos_bte, sin_bte)
         k_btke = apply_rope(self._project(x_btd, self.w_k, self.b_k, kv_names), cos_bte, sin_bte)
         v_btke = self._project(x_btd, self.w_v, self.b_v, kv_names)
-        new_kv = None
-        k_bske, v_bske = k_btke, v_btke  # without a cache the keys are this call's rows (S = T)
-        if isinstance(kv, StackedKV):
-            start = (kv.layer, 0, index, 0, 0)
-            new_kv = kv._replace(
-                k=jax.lax.dynamic_update_slice(kv.k, k_btke[None].astype(kv.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(kv.v, v_btke[None].astype(kv.v.dtype), start))
-            k_bske, v_bske = (x[kv.layer].astype(self.dtype) for x in (new_kv.k, new_kv.v))
-        elif kv is not None:
-            start = (0, index, 0, 0)
-            new_kv = (jax.lax.dynamic_update_slice(kv[0], k_btke.astype(kv[0].dtype), start),
-                      jax.lax.dynamic_update_slice(kv[1], v_btke.astype(kv[1].dtype), start))
-            k_bske, v_bske = (x.astype(self.dtype) for x in new_kv)
-        # Without a cache, query t is key slot t and the mask is causal: attend in blocks.
-        block = attention_block(q_bthe.shape[1]) if kv is None else None
-        out_bthe = attend(q_bthe, k_bske, v_bske, mask_b1ts, block)
+        if kv is None:
+            # Query t is key slot t and the mask is causal: attend in blocks.
+            new_kv = None
+            block = attention_block(q_bthe.shape[1])
+            out_bthe = attend(q_bthe, k_btke, v_btke, mask_b1ts, block)
+        else:
+            # Each layer's cache is its own buffer, so the write is in place: a slice of one
+            # stacked [L, ...] array written back is a copy of all layers' keys on XLA:CPU.
+            start = (0, 0, index, 0)
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(
+                    cache_bkse, new_btke.transpose(0, 2, 1, 3).astype(cache_bkse.dtype), start)
+                for cache_bkse, new_btke in zip(kv, (k_btke, v_btke)))
+            out_bthe = attend(q_bthe, *new_kv, mask_b1ts, heads_first=True)
         out_btd = dense(out_bthe, self.w_o, 2, self.dtype)  # [B,T,H,E] @ [H,E,D]
         if self.b_o is not None:
             out_btd = out_btd + self.b_o[...].astype(self.dtype)
@@ -436,9 +432,9 @@ class Transformer(nnx.Module):
             branch_bs = jax.lax.dynamic_update_slice(cache["branch_ids"], branch_bt, (0, index))
             mask_b1ts = attention_mask(seg_bt, branch_bt, seg_bs, branch_bs, index, window)
             kv = (cache["k"], cache["v"])
-            x_btd, (k_lbske, v_lbske) = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, kv,
+            x_btd, (k_cache, v_cache) = self._run_layers(x_btd, cos_bte, sin_bte, mask_b1ts, kv,
                                                          index)
-            new_cache = {"k": k_lbske, "v": v_lbske, "segment_ids": seg_bs, "branch_ids": branch_bs,
+            new_cache = {"k": k_cache, "v": v_cache, "segment_ids": seg_bs, "branch_ids": branch_bs,
                          "index": index + tokens_bt.shape[1]}
         hidden_btd = self.final_norm(x_btd)
         out = hidden_btd if return_hidden else self.project(hidden_btd)
@@ -459,12 +455,21 @@ class Transformer(nnx.Module):
             logits = constrain(logits, ("batch", "length", "vocab"))
         return logits
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, jax.Array]:
-        """An empty KV cache: every slot has segment id 0 (empty) and ``index`` is 0."""
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict[str, Any]:
+        """An empty KV cache: every slot has segment id 0 (empty) and ``index`` is 0.
+
+        Keys and values are a tuple of L arrays ``[B, K, S, E]``, one buffer per layer so each
+        layer writes its slots in place; with ``scan_layers`` one stacked ``[L, B, K, S, E]``
+        array each, which the scan slices per layer.
+        """
         c = self.config
-        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        shape = (batch_size, c.num_kv_heads, max_length, c.head_dim)
         dtype = c.dtype if dtype is None else dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        if c.scan_layers:
+            k = v = jnp.zeros((c.num_layers, *shape), dtype)
+        else:
+            k = v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+        return {"k": k, "v": v,
                 "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
                 "branch_ids": jnp.zeros((batch_size, max_length), jnp.int32),
                 "index": jnp.zeros((), jnp.int32)}
@@ -484,12 +489,12 @@ class Transformer(nnx.Module):
                                out_axes=(nnx.Carry, 0),
                                transform_metadata={nnx.PARTITION_NAME: "layers"})
             return scanned(self.layers, x_btd, cos_bte, sin_bte, mask_b1ts, kv, index)
-        # The stacked cache goes through every layer, each writing its own slots in place.
-        stacked = None if kv is None else StackedKV(kv[0], kv[1], 0)
+        new_kv = []
         for i, block in enumerate(self.layers):
-            layer_kv = None if kv is None else stacked._replace(layer=i)
-            x_btd, stacked = step(block, x_btd, cos_bte, sin_bte, mask_b1ts, layer_kv, index)
-        return x_btd, (None if kv is None else (stacked.k, stacked.v))
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x_btd, layer_kv = step(block, x_btd, cos_bte, sin_bte, mask_b1ts, layer_kv, index)
+            new_kv.append(layer_kv)
+        return x_btd, (None if kv is None else tuple(tuple(x) for x in zip(*new_kv)))
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:

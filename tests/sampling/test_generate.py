@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from prefopt_jax.models import ModelConfig, Transformer
-from prefopt_jax.sampling.generate import SamplingConfig, filter_logits, generate
+from prefopt_jax.sampling.generate import SamplingConfig, categorical, filter_logits, generate
 
 VOCAB = 97
 
@@ -99,6 +99,25 @@ def test_filter_logits_top_k_top_p_by_hand():
     np.testing.assert_array_equal(np.isfinite(kept_p), [[True, True, False, False]])
     kept_p2 = filter_logits(logits, SamplingConfig(top_p=0.85))
     np.testing.assert_array_equal(np.isfinite(kept_p2), [[True, True, True, False]])
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_two_stage_categorical_draws_the_softmax(block):
+    """Block, then token in the block: the draws' frequencies are softmax(logits) (a chi-square
+    test at the 1e-4 level), filtered tokens and the padded tail of the last block never come,
+    and one key gives one token."""
+    v, n = 50, 40_000  # 50 = 6 blocks of 8 and 2 padding slots; one block of 64
+    logits = jax.random.normal(jax.random.key(0), (v,)) * 1.5
+    logits = logits.at[jnp.asarray([3, 17, 49])].set(-jnp.inf)
+    keys = jax.random.split(jax.random.key(1), n)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: categorical(k, logits, block)))(keys))
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    counts = np.bincount(draws, minlength=v)
+    assert counts.size == v and counts[[3, 17, 49]].sum() == 0
+    live = p > 0
+    chi2 = float(np.sum((counts[live] - n * p[live]) ** 2 / (n * p[live])))
+    assert chi2 < 90.5, chi2  # the 1e-4 quantile of chi-square with 46 degrees of freedom
+    assert int(categorical(keys[0], logits, block)) == int(draws[0])
 
 
 def test_bad_settings_are_named():
