@@ -11,7 +11,9 @@ on all of them (mu = 1). prefopt-jax runs `online.rl.RolloutTask` as `prefopt tr
 the sampler prefills each prompt once and copies its KV cache to its G samples, and the update
 lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows, or
 `prefix` rows (a row per group: the prompt once, its G samples as branches). The first
-iteration compiles and is not timed. TRL 1.16's GRPOTrainer (benchmarks/trl_grpo.py) runs the
+iteration compiles and is not timed; the update's rows take one of four lengths, each compiled
+once, and a later iteration that compiles one is left out of the means (its seconds are printed
+as `compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's GRPOTrainer (benchmarks/trl_grpo.py) runs the
 same model (exported to HF format), prompts, reward, group size and token budget, when torch,
 trl and peft are installed. Each configuration runs in its own process.
 
@@ -63,6 +65,7 @@ def bench_prefopt(args) -> dict:
     from prefopt_jax.models.lora import LoraConfig
     from prefopt_jax.models.spec import ModelSpec
     from prefopt_jax.online import rl
+    from prefopt_jax.sampling import generate
     from prefopt_jax.sampling.onpolicy import prompt_ids
     from prefopt_jax.train import build, loop, optim
 
@@ -93,20 +96,28 @@ def bench_prefopt(args) -> dict:
     head = cfg.vocab_size * cfg.hidden_size
     body = n_params - head * (1 if cfg.tie_word_embeddings else 2)
     del model
-    rows = []
+    rows, compiling = [], []
+    compiled = lambda: (task.step_fn._cache_size(), generate._decode._cache_size())  # noqa: E731
     with jax.set_mesh(task.mesh):
         task.step(1)  # compiles the update (the sampler compiled in the first iteration)
         warm = time.perf_counter() - t0
         for number in range(2, args.iterations + 2):
+            before = compiled()
             t = time.perf_counter()
             batch = task.step(number)[0]
             seconds = time.perf_counter() - t
+            if compiled() != before:  # a new row length: compiling, not the steady state
+                compiling.append(seconds)
+                continue
             data = task.rollouts.data
             completion = int(data.completion_lengths_nk.sum())
             logical = int((data.prompt_lengths_n[:, None] + data.completion_lengths_nk).sum())
             row_tokens = row_positions(task)
             gen = task.rollouts.metrics["generation/seconds"]
             rows.append((seconds, gen, completion, logical, row_tokens, batch["tokens"]))
+    if not rows:
+        raise SystemExit(f"every timed iteration compiled a new shape ({len(compiling)}); "
+                         "raise --iterations")
     seconds, gen, completion, logical, row_tokens, _ = (np.mean(x) for x in zip(*rows))
     update = seconds - gen
     flops = (8 if lora is None else 6) * (body * row_tokens + head * completion)
@@ -119,7 +130,7 @@ def bench_prefopt(args) -> dict:
             "update_tokens_per_s": logical / update, "row_tokens_per_iteration": row_tokens,
             "completion_tokens_per_iteration": completion,
             "update_tokens_per_iteration": logical, "iterations_timed": len(rows),
-            "warmup_seconds": warm, "mfu": flops / update / peak, "matmul_peak_flops": peak,
+            "compiling_iterations": [round(x, 1) for x in compiling], "warmup_seconds": warm, "mfu": flops / update / peak, "matmul_peak_flops": peak,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -170,8 +181,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--iterations", type=int, default=2, help="timed iterations (after one "
-                   "untimed warm-up iteration)")
+    p.add_argument("--iterations", type=int, default=4, help="iterations after one untimed "
+                   "warm-up; those that compile a new row length are left out of the means")
     p.add_argument("--layouts", default="padded,packed,prefix")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="full", help="full and/or lora")
