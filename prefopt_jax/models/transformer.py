@@ -208,7 +208,7 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
 
     Query head ``h`` reads kv head ``h // (H / K)`` (HF's GQA grouping). Scores and softmax are
     float32, and so are both products for low-precision inputs (the result is cast back to the
-    value dtype); masked slots get MASKED_SCORE added, which zeroes their probability exactly,
+    query dtype); masked slots get MASKED_SCORE added, which zeroes their probability exactly,
     and a row with no allowed slot (padding) averages all values instead of producing NaN.
 
     The heads are moved in front once (``[B, K, G, T, E]``, G = H / K queries per kv head) so
@@ -223,7 +223,7 @@ def attend(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
     ``heads_first``: keys and values come as ``[B, K, S, E]`` (the KV cache's layout), so they
     need no transpose.
     """
-    out_dtype = v_bske.dtype
+    out_dtype = q_bthe.dtype  # the compute dtype, also when a cache holds float32 keys
     # Low-precision q, k, v are widened: both products then run in float32, which XLA:CPU
     # does faster than its widening bf16 fallback for these small batched dots, the gradient
     # above all (a bf16 DPO step 10% faster on SmolLM2), and no probability is rounded to bf16.

@@ -72,3 +72,22 @@ def test_cache_is_a_jittable_pytree(tiny_model):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cache["k"]))
     leaves = jax.tree.leaves(cache)
     assert all(isinstance(x, jax.Array) for x in leaves)
+
+
+def test_float32_cache_of_a_bf16_model_gives_the_bf16_cache_results(tiny_model):
+    """The sampler's float32 cache (on CPU) stores a bf16 model's keys exactly and attention
+    reads them in float32 either way, so prefill and decode give bit-identical logits to a bf16
+    cache, and the layers keep computing in bf16 (a float32 cache must not widen the stream)."""
+    model = tiny_model(seed=3, dtype=jnp.bfloat16)
+    tokens, positions, segments = (jnp.asarray(x) for x in left_padded_batch())
+    runs = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cache, got = model.init_cache(len(PROMPT_LENGTHS), SLOTS, dtype=dtype), []
+        for start, stop in [(0, WIDTH)] + [(t, t + 1) for t in range(WIDTH, WIDTH + N_NEW)]:
+            logits, cache = cached_call(model, cache, tokens[:, start:stop],
+                                        positions[:, start:stop], segments[:, start:stop])
+            assert logits.dtype == jnp.bfloat16
+            got.append(np.asarray(logits.astype(jnp.float32)))
+        assert all(x.dtype == dtype for x in jax.tree.leaves(cache["k"]))
+        runs.append(np.concatenate(got, axis=1))
+    np.testing.assert_array_equal(runs[0], runs[1])
