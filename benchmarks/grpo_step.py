@@ -13,9 +13,10 @@ lays the samples out as `padded` rows (a row per sample, the prompt repeated), `
 `prefix` rows (a row per group: the prompt once, its G samples as branches). The first
 iteration compiles and is not timed; the update's rows take one of four lengths, each compiled
 once, and a later iteration that compiles one is left out of the means (its seconds are printed
-as `compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's GRPOTrainer (benchmarks/trl_grpo.py) runs the
-same model (exported to HF format), prompts, reward, group size and token budget, when torch,
-trl and peft are installed. Each configuration runs in its own process.
+as `compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's
+GRPOTrainer (benchmarks/trl_grpo.py) runs the same model (exported to HF format), prompts,
+reward, group size and token budget, when torch, trl and peft are installed. Each
+configuration runs in its own process.
 
 Printed per configuration (one JSON line): seconds per iteration, generation seconds and
 generated tokens/s, update seconds and update tokens/s (prompt + completion tokens of every
@@ -130,7 +131,8 @@ def bench_prefopt(args) -> dict:
             "update_tokens_per_s": logical / update, "row_tokens_per_iteration": row_tokens,
             "completion_tokens_per_iteration": completion,
             "update_tokens_per_iteration": logical, "iterations_timed": len(rows),
-            "compiling_iterations": [round(x, 1) for x in compiling], "warmup_seconds": warm, "mfu": flops / update / peak, "matmul_peak_flops": peak,
+            "compiling_iterations": [round(x, 1) for x in compiling], "warmup_seconds": warm,
+            "mfu": flops / update / peak, "matmul_peak_flops": peak,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 

@@ -136,7 +136,8 @@ def decode(tokenizer, candidates) -> list[str]:
     """The reply texts of sampled candidates, prompt-major (`q = b * n`)."""
     tokens_qc = candidates.tokens_bnc.reshape(-1, candidates.tokens_bnc.shape[-1])
     mask_qc = candidates.mask_bnc.reshape(tokens_qc.shape)
-    return [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens_qc, mask_qc)]
+    return [tokenizer.decode(t[m > 0], skip_special_tokens=True)
+            for t, m in zip(tokens_qc, mask_qc)]
 
 
 def mean_se(x) -> tuple[float, float]:

