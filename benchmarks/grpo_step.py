@@ -1,7 +1,7 @@
 """Seconds per GRPO iteration (generation + update) of the online loop, beside TRL's GRPOTrainer.
 
     python benchmarks/grpo_step.py                      # SmolLM2, 8 prompts x G=8, 64 new tokens
-    python benchmarks/grpo_step.py --dtypes float32,bfloat16 --layouts padded,packed,prefix
+    python benchmarks/grpo_step.py --dtypes float32,bfloat16 --layouts prefix,prefix_packed
     python benchmarks/grpo_step.py --model tiny --frameworks prefopt   # seconds, a smoke check
 
 One iteration: every prompt sampled `--group-size` times (at most `--max-new-tokens`, stopping at
@@ -9,11 +9,14 @@ EOS), the samples scored by the same TRL-convention reward function on both side
 digits in the reply), then one optimiser step of GRPO (beta 0.04, so a reference forward too)
 on all of them (mu = 1). prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
 the sampler prefills each prompt once and copies its KV cache to its G samples, and the update
-lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows, or
-`prefix` rows (a row per group: the prompt once, its G samples as branches). The first
-iteration compiles and is not timed; the update's rows take one of four lengths, each compiled
-once, and a later iteration that compiles one is left out of the means (its seconds are printed
-as `compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's
+lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows,
+`prefix` rows (a row per group: the prompt once, its G samples as branches), or
+`prefix_packed` rows (groups cut into runs of the prompt and the samples that fit, packed into
+short rows). The sampler drops finished rows as it goes (it halves its batch each time at most
+half the rows are still sampling). The first iteration compiles and is not timed; the update's
+rows take one of a few shapes (`online.rl.rollout_layout`), each compiled once, and a later
+iteration that compiles one is left out of the means (its seconds are printed as
+`compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's
 GRPOTrainer (benchmarks/trl_grpo.py) runs the same model (exported to HF format), prompts,
 reward, group size and token budget, when torch, trl and peft are installed. Each
 configuration runs in its own process.
@@ -138,11 +141,19 @@ def bench_prefopt(args) -> dict:
 
 def row_positions(task) -> int:
     """Real (non-padding) row positions the update computes for this iteration's rollouts: every
-    sample's prompt + completion, or the prompt once per group when the layout shares it."""
-    data = task.rollouts.data
+    sample's prompt + completion, or the prompt once per group when the layout shares it (once
+    per run when prefix_packed cuts groups into runs)."""
+    import numpy as np
+
+    from prefopt_jax.data.layout import prefix_runs
+
+    data, layout = task.rollouts.data, task.layout
     completions = int(data.completion_lengths_nk.sum())
-    prompts = data.prompt_lengths_n * (1 if task.layout.shares_prefix else data.num_completions)
-    return completions + int(prompts.sum())
+    copies = np.full(len(data), 1 if layout.shares_prefix else data.num_completions)
+    if layout.split_examples:
+        copies = np.array([len(prefix_runs(lp, lc_k, layout.row_length)[1])
+                           for lp, lc_k in zip(data.prompt_lengths_n, data.completion_lengths_nk)])
+    return completions + int((data.prompt_lengths_n * copies).sum())
 
 
 def bench_trl(args) -> dict:
@@ -185,7 +196,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--iterations", type=int, default=4, help="iterations after one untimed "
                    "warm-up; those that compile a new row length are left out of the means")
-    p.add_argument("--layouts", default="padded,packed,prefix")
+    p.add_argument("--layouts", default="padded,packed,prefix,prefix_packed")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="full", help="full and/or lora")
     p.add_argument("--lora-rank", type=int, default=16)

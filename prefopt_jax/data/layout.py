@@ -9,7 +9,9 @@ batch, `k` completions per example, `q` = p * k completion sequences, `c` comple
                  sides of one example may sit in different rows
   prefix         one example per row: the prompt once (branch 0), then each completion
                  (branch j + 1, positions restarting at the prompt length)
-  prefix_packed  prefix-shared examples packed into fixed-length rows as segments
+  prefix_packed  prefix-shared examples packed into fixed-length rows as segments; with
+                 `split_examples`, an example longer than the row is cut between completions,
+                 each run of completions a segment with its own copy of the prompt
 
 Every layout yields the same keys (the batch contract in docs/interfaces.md), so log-probs read
 through source_index are layout-independent.
@@ -49,6 +51,11 @@ class LayoutConfig:
         packed rows get a length per batch: of the multiples of it from the batch's longest unit
         up to row_length, the one whose rows hold the fewest positions (ties: the shorter rows,
         whose attention is cheaper). None: power-of-two buckets and fixed packed rows.
+    split_examples: prefix_packed only. An example is cut between completions into runs that
+        each fit `row_length` with a copy of the prompt (a run: the prompt, then as many of the
+        following completions as fit), and the runs are packed as units. Rows can then be
+        shorter than an example (cheaper attention) and hold fewer padding positions, at the
+        cost of one more prompt per extra run. Off: an example is one unit, which must fit.
     """
 
     kind: str = "padded"
@@ -58,10 +65,13 @@ class LayoutConfig:
     row_multiple: int = 1
     pad_id: int = 0
     length_step: int | None = None
+    split_examples: bool = False
 
     def __post_init__(self):
         if self.kind not in LAYOUTS:
             raise ValueError(f"unknown layout {self.kind!r}; expected one of {LAYOUTS}")
+        if self.split_examples and self.kind != "prefix_packed":
+            raise ValueError(f"split_examples is a prefix_packed option, not {self.kind!r}'s")
         if self.length_step is not None:
             if self.length_step < 1:
                 raise ValueError(f"length_step must be a positive number of positions, "
@@ -106,6 +116,20 @@ def unit_lengths(lp_n: np.ndarray, lc_nk: np.ndarray, shares_prefix: bool) -> np
     return np.where(lc_nk > 0, lp_n[:, None] + lc_nk, 0)
 
 
+def prefix_runs(lp: int, lc_k: np.ndarray, length: int) -> tuple[np.ndarray, list[int]]:
+    """An example's completions cut into runs that each fit `length` with a copy of the
+    prompt: the run of each completion `[K]` (an empty one joins the current run) and each
+    run's tokens. A run starts only when the next completion does not fit the current one, so
+    a completion longer than `length - lp` makes a run that needs more than `length`."""
+    run_k, need = np.zeros(len(lc_k), np.int64), [int(lp)]
+    for j, n in enumerate(int(x) for x in lc_k):
+        if n and need[-1] > lp and need[-1] + n > length:
+            need.append(int(lp))
+        need[-1] += n
+        run_k[j] = len(need) - 1
+    return run_k, need
+
+
 def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
     """Row length for packing: the configured one, or the bucket of the longest unit."""
     if layout.row_length is not None:
@@ -117,7 +141,10 @@ def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
 def check_fits(data: TokenizedData, layout: LayoutConfig) -> None:
     """Raises, naming the first example row, if some example fits no row of the layout."""
     lp_n, lc_nk = data.prompt_lengths_n, data.completion_lengths_nk
-    if layout.packs:
+    if layout.split_examples:
+        need_n, limit, what = lp_n + lc_nk.max(axis=1, initial=0), layout.row_length, \
+            "the packed row length"
+    elif layout.packs:
         need_n, limit, what = unit_lengths(lp_n, lc_nk, layout.shares_prefix).max(axis=1), \
             layout.row_length, "the packed row length"
     elif layout.length_buckets is not None:
@@ -133,7 +160,8 @@ def check_fits(data: TokenizedData, layout: LayoutConfig) -> None:
 
 class Placement(NamedTuple):
     """Where each sequence of a batch goes: row and offset of example p's completion j (`[P, K]`;
-    prefix-shared layouts place the whole example at column 0), and the batch shape."""
+    in prefix-shared layouts the offset of the segment that holds it, which starts with the
+    prompt: the same for every j unless the example is split), and the batch shape."""
 
     row_pk: np.ndarray
     offset_pk: np.ndarray
@@ -158,16 +186,28 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
         rows = round_up(num_slots * rows_per, layout.row_multiple)
         return Placement(row_pk, np.zeros((p, k), np.int64), Shape(rows, length, c))
     length = default_row_length(data, layout)
-    need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
-    units = np.flatnonzero(need_pk.reshape(-1) > 0)
-    need_u, example_u = need_pk.reshape(-1)[units], data.example_index_n[idx_p][units // k]
+    if layout.split_examples:
+        runs = [prefix_runs(lp_p[i], lc_pk[i], length) for i in range(p)]
+        need_u = np.array([n for _, need in runs for n in need], np.int64)
+        first_p = np.cumsum([0] + [len(need) for _, need in runs])[:-1]
+        unit_pk = first_p[:, None] + np.stack([run_k for run_k, _ in runs]).reshape(p, k)
+        example_u = np.repeat(data.example_index_n[idx_p], [len(need) for _, need in runs])
+    else:
+        need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
+        units = np.flatnonzero(need_pk.reshape(-1) > 0)
+        need_u, example_u = need_pk.reshape(-1)[units], data.example_index_n[idx_p][units // k]
+        unit_pk = np.full(p * k, -1, np.int64)
+        unit_pk[units] = np.arange(len(units))
+        unit_pk = unit_pk.reshape(p, k)
+        if layout.shares_prefix:  # the whole example is the unit of column 0
+            unit_pk = np.repeat(unit_pk[:, :1], k, axis=1)
     if layout.length_step is not None:
         length = tight_row_length(need_u, length, layout.length_step, layout.row_multiple)
     row_u, offset_u, used = first_fit_decreasing(need_u, length, example_u)
-    row_pk, offset_pk = np.zeros(p * k, np.int64), np.zeros(p * k, np.int64)
-    row_pk[units], offset_pk[units] = row_u, offset_u
+    row_pk = np.where(unit_pk >= 0, row_u[unit_pk], 0)
+    offset_pk = np.where(unit_pk >= 0, offset_u[unit_pk], 0)
     rows = round_up(max(used, 1), layout.row_multiple)
-    return Placement(row_pk.reshape(p, k), offset_pk.reshape(p, k), Shape(rows, length, c))
+    return Placement(row_pk, offset_pk, Shape(rows, length, c))
 
 
 def tight_row_length(need_u: np.ndarray, limit: int, step: int, row_multiple: int = 1) -> int:
@@ -221,23 +261,27 @@ def write_example(batch: dict, data: TokenizedData, i: int, slot: int, row_k: np
                   offset_k: np.ndarray, layout: LayoutConfig, segments_r: np.ndarray) -> None:
     """Writes example i (local position) into batch slot `slot` at its rows and offsets."""
     if layout.shares_prefix:
-        write_shared(batch, data, i, slot, int(row_k[0]), int(offset_k[0]), segments_r)
+        write_shared(batch, data, i, slot, row_k, offset_k, segments_r)
     else:
         write_separate(batch, data, i, slot, row_k, offset_k, segments_r)
 
 
-def write_shared(batch: dict, data: TokenizedData, i: int, slot: int, row: int, offset: int,
-                 segments_r: np.ndarray) -> None:
-    """One segment: the prompt (branch 0), then completion j as branch j + 1."""
+def write_shared(batch: dict, data: TokenizedData, i: int, slot: int, row_k: np.ndarray,
+                 offset_k: np.ndarray, segments_r: np.ndarray) -> None:
+    """A segment per distinct (row, offset) of the completions (one unless the example is
+    split): the prompt (branch 0), then each of its completions j as branch j + 1."""
     k, prompt = data.num_completions, data.prompt(i)
     lp = len(prompt)
-    segments_r[row] += 1
-    cursor = fill(batch, row, offset, prompt, 0, segments_r[row], 0)
+    cursors = {}
     for j in range(k):
+        row, offset = int(row_k[j]), int(offset_k[j])
+        if (row, offset) not in cursors:
+            segments_r[row] += 1
+            cursors[row, offset] = fill(batch, row, offset, prompt, 0, segments_r[row], 0)
         completion = data.completion(i, j)
         if len(completion):
-            start = cursor
-            cursor = fill(batch, row, start, completion, lp, segments_r[row], j + 1)
+            start = cursors[row, offset]
+            cursors[row, offset] = fill(batch, row, start, completion, lp, segments_r[row], j + 1)
             # The first token is predicted from the last prompt token, which may sit before
             # other branches; positions restart at lp so RoPE sees an unshared sequence.
             set_targets(batch, slot * k + j, row, start, offset + lp - 1, completion)

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import glob
 import json
+import math
 import os
 import time
 
@@ -629,21 +630,40 @@ def rollout_metrics(groups: list[dict], names: tuple, max_new: int) -> dict:
 def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
                    pad_id: int) -> data_lib.LayoutConfig:
     """Rollouts as rows of `spec.layout`: `padded` a row per sample, `prefix` a row per group
-    (the prompt once), `packed` / `prefix_packed` those packed into rows of `spec.row_length`
-    (default: the longest possible unit). Padded and prefix rows take one of four lengths, a
-    quarter to all of the longest possible row (the longest prompt with full-length samples),
-    so the update compiles at most four times and samples that stop early do not pay for the
-    longest row."""
+    (the prompt once), `packed` samples packed into rows of `spec.row_length` (default: the
+    longest possible sample), `prefix_packed` groups cut into runs (the prompt, then as many
+    samples as fit) packed into rows of `spec.row_length` (default: the longest prompt and four
+    full-length samples).
+
+    Padded and prefix rows take one of four lengths, a quarter to all of the longest possible
+    row (the longest prompt with full-length samples), so the update compiles at most four
+    times and samples that stop early do not pay for the longest row. Prefix_packed rows have
+    one length, and their count is rounded up to an eighth of the most a batch can need, so at
+    most eight row counts compile; short rows keep attention cheap and cutting groups leaves
+    little padding, at the cost of a prompt copy per extra run."""
     longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
     unit = longest + (g if spec.layout.startswith("prefix") else 1) * c
     unit = -(-unit // 16) * 16
-    common = {"kind": spec.layout, "completion_buckets": (c,), "row_multiple": row_multiple,
-              "pad_id": pad_id}
+    common = {"kind": spec.layout, "completion_buckets": (c,), "pad_id": pad_id}
     if spec.layout in ("padded", "prefix"):
         buckets = sorted({-(-unit * q // 64) * 16 for q in (1, 2, 3)} | {unit})
-        return data_lib.LayoutConfig(length_buckets=tuple(buckets), **common)
-    if spec.layout in ("packed", "prefix_packed"):
-        return data_lib.LayoutConfig(row_length=max(spec.row_length or 0, unit), **common)
+        return data_lib.LayoutConfig(length_buckets=tuple(buckets), row_multiple=row_multiple,
+                                     **common)
+    if spec.layout == "packed":
+        return data_lib.LayoutConfig(row_length=max(spec.row_length or 0, unit),
+                                     row_multiple=row_multiple, **common)
+    if spec.layout == "prefix_packed":
+        length = spec.row_length or -(-(longest + min(g, 4) * c) // 16) * 16
+        if length < longest + c:
+            raise ConfigError(f"DataSpec.row_length {length} holds no run of the longest prompt "
+                              f"({longest} tokens) and one sample of max_new_tokens ({c}); "
+                              f"set it to at least {longest + c}")
+        groups = max(1, rl.prompts_per_iteration // rl.minibatches // jax.process_count()
+                     // spec.micro_batches)
+        most = groups * -(-g // ((length - longest) // c))  # rows of full-length samples
+        return data_lib.LayoutConfig(row_length=length, split_examples=True,
+                                     row_multiple=math.lcm(row_multiple, max(1, most // 8)),
+                                     **common)
     raise ConfigError(f"unknown DataSpec.layout {spec.layout!r}")
 
 

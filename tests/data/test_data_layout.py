@@ -1,10 +1,12 @@
 """Layouts, checked without a model: what each target token can see under the mask contract."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from prefopt_jax.data import LAYOUTS, DataConfig, LayoutConfig, Shape, make_batch, prepare
-from prefopt_jax.data.layout import bucket, padding_fraction, tight_row_length
+from prefopt_jax.data.layout import bucket, padding_fraction, prefix_runs, tight_row_length
 from prefopt_jax.data.synthetic import synthetic_rows, synthetic_tokenized
 
 KINDS = {"paired": ("preference", {}), "triple": ("triple", {}), "unpaired": ("unpaired", {}),
@@ -167,3 +169,44 @@ def test_length_step_is_checked():
         LayoutConfig(kind="packed", length_step=0)
     with pytest.raises(ValueError, match="length_step and length_buckets"):
         LayoutConfig(length_step=64, length_buckets=(128, 256))
+
+
+def test_split_examples_cut_groups_between_completions_and_keep_the_contract():
+    # Groups of 4 completions; a row of 40 holds a prompt of 6 and at most 2-3 completions, so
+    # most examples are cut into runs, each a segment that starts with its own prompt copy.
+    from prefopt_jax.data.tokenized import from_lists
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 16, (9, 4))
+    lengths[0] = 0  # every completion empty: the prompt alone
+    prompts = [np.arange(1, 7) + 10 * i for i in range(9)]
+    completions = [np.arange(100, 100 + n) for n in lengths.reshape(-1)]
+    data = from_lists("listwise", 4, prompts, completions, np.arange(9), {})
+    idx = np.array([3, 0, 8, 2, 5, 7, 1, 6, 4])
+    layout = LayoutConfig(kind="prefix_packed", row_length=40, split_examples=True)
+    batch = make_batch(data, idx, 10, layout)
+    check_batch(batch, data, idx)
+    assert batch["tokens"].shape[1] == 40
+    segments = sum(len(set(s[s > 0])) for s in batch["segment_ids"])
+    runs = sum(len(prefix_runs(6, lengths[i], 40)[1]) for i in idx)
+    assert segments == runs > len(idx)
+    real = int((batch["segment_ids"] > 0).sum())
+    assert real == 6 * runs + lengths.sum()
+    # Whole examples do not fit rows of 40: without the split they are refused.
+    with pytest.raises(ValueError, match="needs .* tokens, more than the packed row length 40"):
+        make_batch(data, idx, 10, dataclasses.replace(layout, split_examples=False))
+
+
+def test_prefix_runs_start_only_when_the_next_completion_does_not_fit():
+    run_k, need = prefix_runs(5, np.array([10, 0, 30, 30, 3]), 40)
+    assert run_k.tolist() == [0, 0, 1, 2, 2] and need == [15, 35, 38]
+    # A completion that does not fit with the prompt makes a run longer than the row, which
+    # placing refuses, naming the example.
+    assert prefix_runs(5, np.array([50]), 40)[1] == [55]
+    from prefopt_jax.data.tokenized import from_lists
+    data = from_lists("paired", 2, [np.arange(1, 6)], [np.arange(1, 51), np.arange(1, 3)],
+                      np.array([7]), {})
+    with pytest.raises(ValueError, match="row 7 needs 55 tokens, more than the packed row"):
+        make_batch(data, np.arange(1), 1, LayoutConfig(kind="prefix_packed", row_length=40,
+                                                       split_examples=True))
+    with pytest.raises(ValueError, match="split_examples is a prefix_packed option"):
+        LayoutConfig(kind="packed", split_examples=True)

@@ -86,3 +86,21 @@ def test_logps_do_not_depend_on_extra_padding(tok, model):
     tight = token_logps(model, make_batch(data, np.arange(3), 3, layout))
     loose = token_logps(model, make_batch(data, np.arange(3), 3, layout, min_shape=SHAPE))
     np.testing.assert_allclose(loose[:, :tight.shape[1]], tight, atol=2e-5, rtol=2e-5)
+
+
+def test_split_examples_give_identical_logps(tok, model):
+    # Rows just long enough for the longest prompt + completion: listwise examples of 5 are cut
+    # into runs, each with its own prompt copy; the log-probs are the padded layout's.
+    rows = synthetic_rows(6, "ranked", conversational=True, seed=11, prompt_words=4,
+                          completion_words=4)
+    data, _ = prepare(rows, tok, DataConfig(cache_dir=None, ranked="listwise", list_size=5))
+    idx = np.array([3, 0, 5, 1, 4])
+    need = int((data.prompt_lengths_n[:, None] + data.completion_lengths_nk).max())
+    split = LayoutConfig(kind="prefix_packed", row_length=need, split_examples=True)
+    batch = make_batch(data, idx, 6, split)
+    assert batch["tokens"].shape[1] == need
+    assert sum(len(set(s[s > 0])) for s in batch["segment_ids"]) > len(idx)  # examples were cut
+    batch = make_batch(data, idx, 6, split, min_shape=SHAPE)
+    padded = make_batch(data, idx, 6, LayoutConfig(kind="padded"), min_shape=SHAPE)
+    np.testing.assert_allclose(token_logps(model, batch), token_logps(model, padded),
+                               atol=2e-5, rtol=2e-5)

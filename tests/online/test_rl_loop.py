@@ -44,10 +44,11 @@ def run_cli(out, *bindings):
     return records(out)
 
 
-def task(tmp_path, loss="grpo", layout="prefix", micro=1, **rl_kw):
+def task(tmp_path, loss="grpo", layout="prefix", micro=1, row_length=None, **rl_kw):
     config = rl.RLConfig(**{"prompts_per_iteration": 4, "group_size": 4, "max_new_tokens": 8,
                             "rewards": (EVEN,), **rl_kw})
-    return rl.RolloutTask(TINY, loop.DataSpec(layout=layout, micro_batches=micro),
+    data_spec = loop.DataSpec(layout=layout, micro_batches=micro, row_length=row_length)
+    return rl.RolloutTask(TINY, data_spec,
                           build.AlgoConfig(loss=loss), optim.OptimConfig(warmup_steps=0),
                           loop.LoopConfig(output_dir=str(tmp_path), seed=3), rl=config)
 
@@ -111,6 +112,25 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradient(tmp_path):
     micro-batches, the loss and the gradient are those of the whole batch."""
     whole, split = task(tmp_path / "a", "dapo"), task(tmp_path / "b", "dapo", micro=2)
     np.testing.assert_array_equal(whole.rollouts.old_logps_nkc, split.rollouts.old_logps_nkc)
+    one, _ = whole.step(1)
+    two, _ = split.step(1)
+    for key in ("loss", "grad_norm", "kl"):
+        np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=1e-7)
+
+
+def test_groups_cut_into_packed_runs_give_the_prefix_rows_loss_and_gradient(tmp_path):
+    """`prefix_packed` rollouts: rows of the longest prompt and two full samples, so each
+    group of 4 is cut into runs with their own prompt copies, packed together; the loss and
+    the gradient are those of a row per group."""
+    whole = task(tmp_path / "a", "dapo")
+    longest = max(len(p) for p in whole.prompts.ids)
+    split = task(tmp_path / "b", "dapo", layout="prefix_packed", row_length=longest + 16)
+    assert split.layout.split_examples and split.layout.row_length == longest + 16
+    np.testing.assert_array_equal(whole.rollouts.old_logps_nkc, split.rollouts.old_logps_nkc)
+    batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(split.loader, 1, split.fillers))
+    segments = sum(len(set(row[row > 0])) for row in batch["segment_ids"])
+    assert segments > 4 and batch["tokens"].shape[1] == longest + 16  # groups were cut
+    split.loader = split.iteration_loader(0)  # the batch above again, for the step
     one, _ = whole.step(1)
     two, _ = split.step(1)
     for key in ("loss", "grad_norm", "kl"):
@@ -201,10 +221,12 @@ def test_prompt_data_keeps_its_columns_and_names_a_bad_row(tmp_path):
     ("AlgoConfig.hyper={'grpo': {'group_size': 8}}",
      "AlgoConfig.hyper group_size 8 differs from RLConfig.group_size 4"),
     ("DataSpec.layout='pack'", "unknown DataSpec.layout 'pack'"),
+    ("DataSpec.layout='prefix_packed'; DataSpec.row_length=12",
+     "DataSpec.row_length 12 holds no run of the longest prompt"),
 ])
 def test_bad_settings_are_named(binding, message, tmp_path):
     with pytest.raises(Exception, match=message):
-        run_cli(tmp_path, binding)
+        run_cli(tmp_path, *binding.split("; "))
 
 
 def test_implicit_reward_of_an_exported_policy_against_its_base(tmp_path):
