@@ -200,34 +200,50 @@ def _split(rng):
     return tuple(jax.random.split(rng))
 
 
-def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: int):
+COMPACT_MIN_ROWS = 8
+
+
+def compaction_sizes(batch: int, rng, reorder) -> list[int]:
+    """Batch sizes of the decode's phases: halving down to COMPACT_MIN_ROWS when rows carry
+    their own keys and the state can be reordered; else one phase of the whole batch."""
+    sizes = [batch]
+    if reorder is not None and rng.shape:
+        while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= COMPACT_MIN_ROWS:
+            sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: int,
+                reorder=None):
     """The token loop of `generate` for any policy: `step_fn(state, token_b) -> (logits, state)`.
 
     Model-agnostic so that a tabular policy and the Transformer run the same code. Returns
     `(tokens_bn, logps_bn, sample_logps_bn, mask_bn)` as jax arrays.
+
+    With `reorder(state, index_b)` and a key per row (`rng` of shape `[B]`), finished rows stop
+    costing: once at most half the rows are still sampling, the live rows (and as many finished
+    ones) are gathered into a batch of half the size, and so on down to COMPACT_MIN_ROWS rows.
+    A row's tokens depend only on its own key and its own cache, so they are the rows' draws
+    of the uncompacted loop (up to the rounding of a matmul at a different batch size).
     """
     batch = logits_bv.shape[0]
     n_new = config.max_new_tokens
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
     def body(carry):
-        i, state, logits_bv, out, done_b, rng = carry
+        i, state, logits_bv, out, done_b, rng, row_b = carry
         rng, step_rng = _split(rng)
         token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng)
         live_b = ~done_b
-        out = (
-            out[0].at[:, i].set(jnp.where(live_b, token_b, pad_id)),
-            out[1].at[:, i].set(jnp.where(live_b, logp_b, 0.0)),
-            out[2].at[:, i].set(jnp.where(live_b, sample_logp_b, 0.0)),
-            out[3].at[:, i].set(live_b.astype(jnp.int32)),
+        out = (  # row_b: each row's place in the full batch
+            out[0].at[row_b, i].set(jnp.where(live_b, token_b, pad_id)),
+            out[1].at[row_b, i].set(jnp.where(live_b, logp_b, 0.0)),
+            out[2].at[row_b, i].set(jnp.where(live_b, sample_logp_b, 0.0)),
+            out[3].at[row_b, i].set(live_b.astype(jnp.int32)),
         )
         done_b = done_b | jnp.isin(token_b, stop_ids)
         logits_bv, state = step_fn(state, token_b)
-        return i + 1, state, logits_bv, out, done_b, rng
-
-    def cond(carry):
-        i, _, _, _, done_b, _ = carry
-        return (i < n_new) & ~jnp.all(done_b)
+        return i + 1, state, logits_bv, out, done_b, rng, row_b
 
     out = (
         jnp.full((batch, n_new), pad_id, jnp.int32),
@@ -235,8 +251,23 @@ def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: 
         jnp.zeros((batch, n_new), jnp.float32),
         jnp.zeros((batch, n_new), jnp.int32),
     )
-    carry = (jnp.int32(0), state, logits_bv, out, jnp.zeros((batch,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[3]
+    carry = (jnp.int32(0), state, logits_bv, out, jnp.zeros((batch,), bool), rng,
+             jnp.arange(batch, dtype=jnp.int32))
+    sizes = compaction_sizes(batch, rng, reorder)
+    for n, size in enumerate(sizes):
+        floor = sizes[n + 1] if n + 1 < len(sizes) else 0  # leave when this few rows live
+
+        def cond(carry, floor=floor):
+            i, done_b = carry[0], carry[4]
+            return (i < n_new) & (jnp.sum(~done_b) > floor)
+
+        carry = jax.lax.while_loop(cond, body, carry)
+        if floor:  # the live rows first (a stable sort), then finished ones up to the size
+            i, state, logits_bv, out, done_b, rng, row_b = carry
+            keep_b = jnp.argsort(done_b, stable=True)[:floor]
+            carry = (i, reorder(state, keep_b), logits_bv[keep_b], out, done_b[keep_b],
+                     rng[keep_b], row_b[keep_b])
+    return carry[3]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "pad_id", "group_size"))
@@ -250,7 +281,7 @@ def _decode(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, *, co
         logits_bv = jnp.take(logits_bv, index_b, axis=0)
         decode_state = reorder_state(decode_state, index_b)
     step_fn = functools.partial(model_step, model)
-    return sample_loop(step_fn, logits_bv, decode_state, config, rng, pad_id)
+    return sample_loop(step_fn, logits_bv, decode_state, config, rng, pad_id, reorder_state)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,

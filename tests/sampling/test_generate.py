@@ -130,6 +130,41 @@ def test_bad_settings_are_named():
         left_pad([[1], []])
 
 
+def test_finished_rows_are_compacted_away_without_changing_any_row(model):
+    """The decode halves its batch as rows finish (32 -> 16 -> 8 rows here); every row's
+    tokens and log-probs are those of the loop that keeps all 32 rows to the end."""
+    import functools
+
+    from prefopt_jax.sampling import generate as gen
+
+    prompts, g, n_new = [[5, 9, 14], [3], [7, 7, 2, 8, 1], [4, 4]], 8, 20
+    config = SamplingConfig(max_new_tokens=n_new, stop_ids=tuple(range(10, 22)))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(32))
+    graphdef, state = nnx.split(model)
+    tokens_bt, positions_bt, segment_ids_bt = gen.left_pad(prompts)
+
+    def run(reorder):
+        m = nnx.merge(graphdef, state)
+        logits_bv, st = gen.prefill(m, tokens_bt, positions_bt, segment_ids_bt,
+                                    tokens_bt.shape[1] + n_new)
+        index_b = jnp.repeat(jnp.arange(len(prompts)), g)
+        logits_bv, st = logits_bv[index_b], gen.reorder_state(st, index_b)
+        step_fn = functools.partial(gen.model_step, m)
+        return gen.sample_loop(step_fn, logits_bv, st, config, keys, 0, reorder)
+
+    assert gen.compaction_sizes(32, keys, gen.reorder_state) == [32, 16, 8]
+    assert gen.compaction_sizes(32, jax.random.key(0), gen.reorder_state) == [32]
+    whole = jax.device_get(jax.jit(lambda: run(None))())
+    compact = jax.device_get(jax.jit(lambda: run(gen.reorder_state))())
+    lengths = np.sort(whole[3].sum(axis=1))[::-1]
+    # Fewer than 8 rows were still sampling before the last token: the 8-row phase ran.
+    assert lengths[8] < lengths[0]
+    np.testing.assert_array_equal(compact[0], whole[0])
+    np.testing.assert_array_equal(compact[3], whole[3])
+    np.testing.assert_allclose(compact[1], whole[1], atol=1e-5)
+    np.testing.assert_allclose(compact[2], whole[2], atol=1e-5)
+
+
 def test_groups_share_the_prompt_cache_and_draw_per_sample_keys(model):
     """G samples per prompt from one prefill equal sampling the prompt G times, row for row,
     and a sample depends on its own key only: the same key gives the same sample in another
