@@ -21,7 +21,8 @@ A task of the shared driver (`train.driver`), like the iterative loop. Iteration
 6. `epochs` passes over the groups, `minibatches` optimiser steps each, with the registered
    objective: each group is one example of G completions, so advantages are computed inside the
    loss from its own rewards, the importance ratio is against the behaviour log-probs, and the
-   `prefix` layout scores the prompt once per group in the update as in generation. With
+   `prefix` layout scores the prompt once per group in the update as in generation
+   (`prefix_packed`: once per run of samples, runs packed into short rows). With
    `RLConfig.target_kl`, a step whose approximate KL to the sampler exceeds it ends the
    iteration's updates.
 
