@@ -28,8 +28,8 @@ A task of the shared driver (`train.driver`), like the iterative loop. Iteration
 
 `LoopConfig.steps` counts optimiser steps (`epochs * minibatches` per iteration, fewer after an
 early stop). Each iteration's rollouts are kept in `output_dir/rollouts/` (the last two), so a
-run killed mid-iteration resumes on the same rollouts; a run killed between iterations draws the next
-ones from the restored policy with the same keys (one key per prompt draw and sample), so the
+run killed mid-iteration resumes on the same rollouts; a run killed between iterations draws the
+next ones from the restored policy with the same keys (one key per prompt draw and sample), so the
 resumed run equals the uninterrupted one. Each process generates for its own prompts; a
 sample's key depends on its prompt's draw number only, so two processes draw what one does.
 """
