@@ -13,10 +13,11 @@ lays the samples out as `padded` rows (a row per sample, the prompt repeated), `
 `prefix` rows (a row per group: the prompt once, its G samples as branches), or
 `prefix_packed` rows (groups cut into runs of the prompt and the samples that fit, packed into
 short rows). The sampler drops finished rows as it goes (it halves its batch each time at most
-half the rows are still sampling). The first iteration compiles and is not timed; the update's
-rows take one of a few shapes (`online.rl.rollout_layout`), each compiled once, and a later
-iteration that compiles one is left out of the means (its seconds are printed as
-`compiling_iterations`: a one-off cost of a run, not its steady state). TRL 1.16's
+half the rows are still sampling). The update's rows take one of a few shapes
+(`online.rl.rollout_layout`) and the sampler's batch one of a few sizes, each compiled once.
+After the first iteration, iterations run until `--iterations` of them compiled nothing (at
+most `--max-warmup` more): those are timed. The seconds of the ones that compiled are printed
+as `compiling_iterations`: a one-off cost of a run, not its steady state. TRL 1.16's
 GRPOTrainer (benchmarks/trl_grpo.py) runs the same model (exported to HF format), prompts,
 reward, group size and token budget, when torch, trl and peft are installed. Each
 configuration runs in its own process.
@@ -105,12 +106,12 @@ def bench_prefopt(args) -> dict:
     with jax.set_mesh(task.mesh):
         task.step(1)  # compiles the update (the sampler compiled in the first iteration)
         warm = time.perf_counter() - t0
-        for number in range(2, args.iterations + 2):
+        for number in range(2, args.iterations + args.max_warmup + 2):
             before = compiled()
             t = time.perf_counter()
             batch = task.step(number)[0]
             seconds = time.perf_counter() - t
-            if compiled() != before:  # a new row length: compiling, not the steady state
+            if compiled() != before:  # a new shape: compiling, not the steady state
                 compiling.append(seconds)
                 continue
             data = task.rollouts.data
@@ -119,9 +120,11 @@ def bench_prefopt(args) -> dict:
             row_tokens = row_positions(task)
             gen = task.rollouts.metrics["generation/seconds"]
             rows.append((seconds, gen, completion, logical, row_tokens, batch["tokens"]))
+            if len(rows) == args.iterations:
+                break
     if not rows:
-        raise SystemExit(f"every timed iteration compiled a new shape ({len(compiling)}); "
-                         "raise --iterations")
+        raise SystemExit(f"every iteration compiled a new shape ({len(compiling)}); "
+                         "raise --max-warmup")
     seconds, gen, completion, logical, row_tokens, _ = (np.mean(x) for x in zip(*rows))
     update = seconds - gen
     flops = (8 if lora is None else 6) * (body * row_tokens + head * completion)
@@ -194,8 +197,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--iterations", type=int, default=4, help="iterations after one untimed "
-                   "warm-up; those that compile a new row length are left out of the means")
+    p.add_argument("--iterations", type=int, default=4, help="timed iterations: after the "
+                   "first, those that compile nothing")
+    p.add_argument("--max-warmup", type=int, default=6, help="iterations that compile a new "
+                   "shape, at most, on top of --iterations")
     p.add_argument("--layouts", default="padded,packed,prefix,prefix_packed")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="full", help="full and/or lora")

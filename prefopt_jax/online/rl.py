@@ -638,10 +638,10 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
 
     Padded and prefix rows take one of four lengths, a quarter to all of the longest possible
     row (the longest prompt with full-length samples), so the update compiles at most four
-    times and samples that stop early do not pay for the longest row. Prefix_packed rows have
-    one length, and their count is rounded up to an eighth of the most a batch can need, so at
-    most eight row counts compile; short rows keep attention cheap and cutting groups leaves
-    little padding, at the cost of a prompt copy per extra run."""
+    times and samples that stop early do not pay for the longest row. Packed and prefix_packed
+    rows have one length, and their count is rounded up to an eighth of the most a batch can
+    need, so at most eight row counts compile; short prefix_packed rows keep attention cheap
+    and cutting groups leaves little padding, at the cost of a prompt copy per extra run."""
     longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
     unit = longest + (g if spec.layout.startswith("prefix") else 1) * c
     unit = -(-unit // 16) * 16
@@ -650,21 +650,25 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
         buckets = sorted({-(-unit * q // 64) * 16 for q in (1, 2, 3)} | {unit})
         return data_lib.LayoutConfig(length_buckets=tuple(buckets), row_multiple=row_multiple,
                                      **common)
+    groups = max(1, rl.prompts_per_iteration // rl.minibatches // jax.process_count()
+                 // spec.micro_batches)  # groups in one update batch
+
+    def counted(most: int) -> int:  # row counts rounded up to an eighth of the most needed
+        return math.lcm(row_multiple, max(1, most // 8))
+
     if spec.layout == "packed":
-        return data_lib.LayoutConfig(row_length=max(spec.row_length or 0, unit),
-                                     row_multiple=row_multiple, **common)
+        length = max(spec.row_length or 0, unit)
+        most = -(-groups * g // (length // unit))  # rows of full-length samples
+        return data_lib.LayoutConfig(row_length=length, row_multiple=counted(most), **common)
     if spec.layout == "prefix_packed":
         length = spec.row_length or -(-(longest + min(g, 4) * c) // 16) * 16
         if length < longest + c:
             raise ConfigError(f"DataSpec.row_length {length} holds no run of the longest prompt "
                               f"({longest} tokens) and one sample of max_new_tokens ({c}); "
                               f"set it to at least {longest + c}")
-        groups = max(1, rl.prompts_per_iteration // rl.minibatches // jax.process_count()
-                     // spec.micro_batches)
-        most = groups * -(-g // ((length - longest) // c))  # rows of full-length samples
+        most = groups * -(-g // ((length - longest) // c))
         return data_lib.LayoutConfig(row_length=length, split_examples=True,
-                                     row_multiple=math.lcm(row_multiple, max(1, most // 8)),
-                                     **common)
+                                     row_multiple=counted(most), **common)
     raise ConfigError(f"unknown DataSpec.layout {spec.layout!r}")
 
 

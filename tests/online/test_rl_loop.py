@@ -126,13 +126,31 @@ def test_groups_cut_into_packed_runs_give_the_prefix_rows_loss_and_gradient(tmp_
     longest = max(len(p) for p in whole.prompts.ids)
     split = task(tmp_path / "b", "dapo", layout="prefix_packed", row_length=longest + 16)
     assert split.layout.split_examples and split.layout.row_length == longest + 16
-    np.testing.assert_array_equal(whole.rollouts.old_logps_nkc, split.rollouts.old_logps_nkc)
     batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(split.loader, 1, split.fillers))
     segments = sum(len(set(row[row > 0])) for row in batch["segment_ids"])
     assert segments > 4 and batch["tokens"].shape[1] == longest + 16  # groups were cut
     split.loader = split.iteration_loader(0)  # the batch above again, for the step
+    same_step(whole, split)
+
+
+def test_packed_samples_give_the_prefix_rows_loss_and_gradient(tmp_path):
+    """`packed` rollouts: a sample (its prompt and completion) per segment, several to a row;
+    the row count is rounded up to an eighth of the 16 rows full-length samples would need,
+    so the update compiles few shapes."""
+    whole, packed = task(tmp_path / "a", "dapo"), task(tmp_path / "b", "dapo", layout="packed")
+    assert packed.layout.row_multiple == 2
+    batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(packed.loader, 1, packed.fillers))
+    segments = sum(len(set(row[row > 0])) for row in batch["segment_ids"])
+    assert segments == 16 and batch["tokens"].shape[0] % 2 == 0
+    packed.loader = packed.iteration_loader(0)
+    same_step(whole, packed)
+
+
+def same_step(whole, other):
+    """The two tasks drew the same rollouts and take the same first step."""
+    np.testing.assert_array_equal(whole.rollouts.old_logps_nkc, other.rollouts.old_logps_nkc)
     one, _ = whole.step(1)
-    two, _ = split.step(1)
+    two, _ = other.step(1)
     for key in ("loss", "grad_norm", "kl"):
         np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=1e-7)
 
