@@ -216,14 +216,36 @@ def main() -> None:
         out = bench_trl(args) if args.framework == "trl" else bench_prefopt(args)
         print("RESULT " + json.dumps(out), flush=True)
         return
+    results = []
     for framework, layout, dtype, mode in configurations(args):
         cmd = [sys.executable, __file__, *sys.argv[1:], f"--framework={framework}",
                f"--layouts={layout}", f"--dtypes={dtype}", f"--modes={mode}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        print(lines[-1][7:] if lines else json.dumps(
-            {"framework": framework, "layout": layout, "dtype": dtype, "mode": mode,
-             "error": (proc.stderr or proc.stdout)[-800:]}), flush=True)
+        results.append(json.loads(lines[-1][7:]) if lines else {
+            "framework": framework, "layout": layout, "dtype": dtype, "mode": mode,
+            "error": (proc.stderr or proc.stdout)[-800:]})
+        print(json.dumps(results[-1]), flush=True)
+    for line in equal_work(results):
+        print(json.dumps(line))
+
+
+def equal_work(results: list[dict]) -> list[dict]:
+    """Each prefopt-jax configuration at TRL's token counts (same dtype and mode): its
+    generation and update tokens/s applied to the tokens TRL sampled and updated on. The
+    frameworks' samples differ in length, so seconds per iteration alone compare unequal work."""
+    done = [r for r in results if "error" not in r]
+    lines = []
+    for trl in (r for r in done if r["framework"].startswith("trl")):
+        for ours in (r for r in done if r["framework"] == "prefopt-jax"
+                     and (r["dtype"], r["mode"]) == (trl["dtype"], trl["mode"])):
+            seconds = (trl["completion_tokens_per_iteration"] / ours["generation_tokens_per_s"]
+                       + trl["update_tokens_per_iteration"] / ours["update_tokens_per_s"])
+            lines.append({"equal_work": ours["layout"], "dtype": ours["dtype"],
+                          "mode": ours["mode"], "seconds_at_trl_tokens": round(seconds, 2),
+                          "trl_seconds": round(trl["seconds_per_iteration"], 2),
+                          "speedup": round(trl["seconds_per_iteration"] / seconds, 2)})
+    return lines
 
 
 if __name__ == "__main__":
