@@ -152,10 +152,11 @@ def row_positions(task) -> int:
 
     data, layout = task.rollouts.data, task.layout
     completions = int(data.completion_lengths_nk.sum())
-    copies = np.full(len(data), 1 if layout.shares_prefix else data.num_completions)
     if layout.split_examples:
         copies = np.array([len(prefix_runs(lp, lc_k, layout.row_length)[1])
                            for lp, lc_k in zip(data.prompt_lengths_n, data.completion_lengths_nk)])
+    else:
+        copies = np.full(len(data), 1 if layout.shares_prefix else data.num_completions)
     return completions + int((data.prompt_lengths_n * copies).sum())
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from prefopt_jax import data as data_lib, losses
+from prefopt_jax.data.layout import round_up
 from prefopt_jax.data.tokenized import TokenizedData, from_lists
 from prefopt_jax.errors import ConfigError, DataSourceError
 from prefopt_jax.losses import ObjectiveError
@@ -643,11 +644,10 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
     need, so at most eight row counts compile; short prefix_packed rows keep attention cheap
     and cutting groups leaves little padding, at the cost of a prompt copy per extra run."""
     longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
-    unit = longest + (g if spec.layout.startswith("prefix") else 1) * c
-    unit = -(-unit // 16) * 16
+    unit = round_up(longest + (g if spec.layout.startswith("prefix") else 1) * c, 16)
     common = {"kind": spec.layout, "completion_buckets": (c,), "pad_id": pad_id}
     if spec.layout in ("padded", "prefix"):
-        buckets = sorted({-(-unit * q // 64) * 16 for q in (1, 2, 3)} | {unit})
+        buckets = sorted({round_up(unit * q // 4, 16) for q in (1, 2, 3)} | {unit})
         return data_lib.LayoutConfig(length_buckets=tuple(buckets), row_multiple=row_multiple,
                                      **common)
     groups = max(1, rl.prompts_per_iteration // rl.minibatches // jax.process_count()
@@ -661,7 +661,7 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
         most = -(-groups * g // (length // unit))  # rows of full-length samples
         return data_lib.LayoutConfig(row_length=length, row_multiple=counted(most), **common)
     if spec.layout == "prefix_packed":
-        length = spec.row_length or -(-(longest + min(g, 4) * c) // 16) * 16
+        length = spec.row_length or round_up(longest + min(g, 4) * c, 16)
         if length < longest + c:
             raise ConfigError(f"DataSpec.row_length {length} holds no run of the longest prompt "
                               f"({longest} tokens) and one sample of max_new_tokens ({c}); "

@@ -254,8 +254,7 @@ def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: 
     carry = (jnp.int32(0), state, logits_bv, out, jnp.zeros((batch,), bool), rng,
              jnp.arange(batch, dtype=jnp.int32))
     sizes = compaction_sizes(batch, rng, reorder)
-    for n, size in enumerate(sizes):
-        floor = sizes[n + 1] if n + 1 < len(sizes) else 0  # leave when this few rows live
+    for floor in sizes[1:] + [0]:  # each phase ends when `floor` rows are still live
 
         def cond(carry, floor=floor):
             i, done_b = carry[0], carry[4]
