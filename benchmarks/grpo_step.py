@@ -29,6 +29,12 @@ against the measured matmul peak of this machine (FLOPs: 8 per weight per real r
 the policy's forward and backward and the reference's forward, 6 under LoRA; the vocabulary
 projection only on completion tokens; see benchmarks/dpo_step.py). Samples differ between the
 frameworks (different samplers), so their lengths differ: compare tokens/s as well as seconds.
+
+The closing `equal_work` lines put each configuration at TRL's token counts (see `equal_work`)
+beside the least time that work can take on this machine: its matmul FLOPs at the measured
+peak (`peak_seconds`, a bound no implementation of the same algorithm beats), the speed-up over
+TRL that bound allows, the share of the peak this configuration reaches, and the share that
+`--target-speedup` would need.
 """
 
 from __future__ import annotations
@@ -139,6 +145,7 @@ def bench_prefopt(args) -> dict:
             "update_tokens_per_iteration": logical, "iterations_timed": len(rows),
             "compiling_iterations": [round(x, 1) for x in compiling], "warmup_seconds": warm,
             "mfu": flops / update / peak, "matmul_peak_flops": peak,
+            "body_params": int(body), "head_params": int(head),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -209,6 +216,8 @@ def main() -> None:
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--frameworks", default="prefopt,trl")
+    p.add_argument("--target-speedup", type=float, default=3.0, help="the speed-up over TRL "
+                   "whose share of the matmul peak the equal_work lines print")
     p.add_argument("--framework", help=argparse.SUPPRESS)  # internal: run one configuration
     args = p.parse_args()
     if args.framework:
@@ -227,25 +236,47 @@ def main() -> None:
             "framework": framework, "layout": layout, "dtype": dtype, "mode": mode,
             "error": (proc.stderr or proc.stdout)[-800:]})
         print(json.dumps(results[-1]), flush=True)
-    for line in equal_work(results):
+    for line in equal_work(results, args.target_speedup):
         print(json.dumps(line))
 
 
-def equal_work(results: list[dict]) -> list[dict]:
+def equal_work(results: list[dict], target: float = 3.0) -> list[dict]:
     """Each prefopt-jax configuration at TRL's token counts (same dtype and mode): its
     generation and update tokens/s applied to the tokens TRL sampled and updated on. The
-    frameworks' samples differ in length, so seconds per iteration alone compare unequal work."""
+    frameworks' samples differ in length, so seconds per iteration alone compare unequal work.
+
+    Beside it, the least time that work takes at the measured matmul peak (`peak_seconds`):
+    sampling costs 2 FLOPs per weight per completion token, the update 8 (6 under LoRA) per
+    body weight per completion token and per prompt token once per group (the prompt shared,
+    the fewest any layout computes) and per vocabulary weight per completion token, as in the
+    MFU. Attention, the optimiser and the decode's memory traffic are left out, so no
+    implementation beats it. `speedup_at_peak` is TRL's seconds over it; `share_of_peak` the
+    share of the peak this configuration reaches at TRL's tokens; `share_for_target` the share
+    a speed-up of `target` over TRL needs."""
     done = [r for r in results if "error" not in r]
     lines = []
     for trl in (r for r in done if r["framework"].startswith("trl")):
         for ours in (r for r in done if r["framework"] == "prefopt-jax"
                      and (r["dtype"], r["mode"]) == (trl["dtype"], trl["mode"])):
-            seconds = (trl["completion_tokens_per_iteration"] / ours["generation_tokens_per_s"]
+            completion = trl["completion_tokens_per_iteration"]
+            prompt = trl["update_tokens_per_iteration"] - completion
+            seconds = (completion / ours["generation_tokens_per_s"]
                        + trl["update_tokens_per_iteration"] / ours["update_tokens_per_s"])
+            body, head = ours["body_params"], ours["head_params"]
+            per_weight = 8 if ours["mode"] == "full" else 6
+            flops = (2 * (body + head) * completion
+                     + per_weight * (body * (completion + prompt / ours["group_size"])
+                                     + head * completion))
+            peak = flops / ours["matmul_peak_flops"]
+            trl_seconds = trl["seconds_per_iteration"]
             lines.append({"equal_work": ours["layout"], "dtype": ours["dtype"],
                           "mode": ours["mode"], "seconds_at_trl_tokens": round(seconds, 2),
-                          "trl_seconds": round(trl["seconds_per_iteration"], 2),
-                          "speedup": round(trl["seconds_per_iteration"] / seconds, 2)})
+                          "trl_seconds": round(trl_seconds, 2),
+                          "speedup": round(trl_seconds / seconds, 2),
+                          "peak_seconds": round(peak, 2),
+                          "speedup_at_peak": round(trl_seconds / peak, 2),
+                          "share_of_peak": round(peak / seconds, 2),
+                          "share_for_target": round(peak * target / trl_seconds, 2)})
     return lines
 
 
