@@ -190,7 +190,8 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
         runs = [prefix_runs(lp_p[i], lc_pk[i], length) for i in range(p)]
         need_u = np.array([n for _, need in runs for n in need], np.int64)
         first_p = np.cumsum([0] + [len(need) for _, need in runs])[:-1]
-        unit_pk = first_p[:, None] + np.stack([run_k for run_k, _ in runs]).reshape(p, k)
+        unit_pk = first_p[:, None] + np.array([run_k for run_k, _ in runs],
+                                              np.int64).reshape(p, k)
         example_u = np.repeat(data.example_index_n[idx_p], [len(need) for _, need in runs])
     else:
         need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)

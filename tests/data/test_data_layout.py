@@ -8,6 +8,7 @@ import pytest
 from prefopt_jax.data import LAYOUTS, DataConfig, LayoutConfig, Shape, make_batch, prepare
 from prefopt_jax.data.layout import bucket, padding_fraction, prefix_runs, tight_row_length
 from prefopt_jax.data.synthetic import synthetic_rows, synthetic_tokenized
+from prefopt_jax.data.tokenized import from_lists
 
 KINDS = {"paired": ("preference", {}), "triple": ("triple", {}), "unpaired": ("unpaired", {}),
          "listwise": ("ranked", {"ranked": "listwise", "list_size": 5})}
@@ -135,7 +136,6 @@ def test_length_step_rows_keep_the_contract_and_hold_no_more_positions(datasets_
 
 def pairs(prompt_lengths, completion_lengths):
     """TokenizedData of paired examples with the given prompt and (chosen, rejected) lengths."""
-    from prefopt_jax.data.tokenized import from_lists
     prompts = [np.arange(1, n + 1) for n in prompt_lengths]
     completions = [np.arange(1, n + 1) for pair in completion_lengths for n in pair]
     return from_lists("paired", 2, prompts, completions, np.arange(len(prompts)), {})
@@ -174,7 +174,6 @@ def test_length_step_is_checked():
 def test_split_examples_cut_groups_between_completions_and_keep_the_contract():
     # Groups of 4 completions; a row of 40 holds a prompt of 6 and at most 2-3 completions, so
     # most examples are cut into runs, each a segment that starts with its own prompt copy.
-    from prefopt_jax.data.tokenized import from_lists
     rng = np.random.default_rng(0)
     lengths = rng.integers(0, 16, (9, 4))
     lengths[0] = 0  # every completion empty: the prompt alone
@@ -194,6 +193,9 @@ def test_split_examples_cut_groups_between_completions_and_keep_the_contract():
     # Whole examples do not fit rows of 40: without the split they are refused.
     with pytest.raises(ValueError, match="needs .* tokens, more than the packed row length 40"):
         make_batch(data, idx, 10, dataclasses.replace(layout, split_examples=False))
+    # A batch with no examples (all slots padding) is rows of padding, as without the split.
+    empty = make_batch(data, idx[:0], 2, layout)
+    assert empty["tokens"].shape == (1, 40) and not empty["segment_ids"].any()
 
 
 def test_prefix_runs_start_only_when_the_next_completion_does_not_fit():
@@ -202,7 +204,6 @@ def test_prefix_runs_start_only_when_the_next_completion_does_not_fit():
     # A completion that does not fit with the prompt makes a run longer than the row, which
     # placing refuses, naming the example.
     assert prefix_runs(5, np.array([50]), 40)[1] == [55]
-    from prefopt_jax.data.tokenized import from_lists
     data = from_lists("paired", 2, [np.arange(1, 6)], [np.arange(1, 51), np.arange(1, 3)],
                       np.array([7]), {})
     with pytest.raises(ValueError, match="row 7 needs 55 tokens, more than the packed row"):
