@@ -53,9 +53,11 @@ class LayoutConfig:
         whose attention is cheaper). None: power-of-two buckets and fixed packed rows.
     split_examples: prefix_packed only. An example is cut between completions into runs that
         each fit `row_length` with a copy of the prompt (a run: the prompt, then as many of the
-        following completions as fit), and the runs are packed as units. Rows can then be
-        shorter than an example (cheaper attention) and hold fewer padding positions, at the
-        cost of one more prompt per extra run. Off: an example is one unit, which must fit.
+        following completions as fit), and the runs are packed as units; or, where that takes
+        fewer rows, the rows are filled in order and an example is cut where a row ends
+        (`split_placement`). Rows can then be shorter than an example (cheaper attention) and
+        hold fewer padding positions, at the cost of one more prompt per extra run. Off: an
+        example is one unit, which must fit.
     """
 
     kind: str = "padded"
@@ -130,6 +132,56 @@ def prefix_runs(lp: int, lc_k: np.ndarray, length: int) -> tuple[np.ndarray, lis
     return run_k, need
 
 
+def packed_runs(lp_p: np.ndarray, lc_pk: np.ndarray, length: int):
+    """`prefix_runs` of every example as units: the unit of each completion `[P, K]`, each
+    unit's tokens `[U]` and each example's count of units `[P]`."""
+    runs = [prefix_runs(lp, lc_k, length) for lp, lc_k in zip(lp_p, lc_pk)]
+    count_p = np.array([len(need) for _, need in runs], np.int64)
+    first_p = np.cumsum(count_p) - count_p
+    unit_pk = (first_p[:, None] + np.array([run_k for run_k, _ in runs], np.int64)
+               ).reshape(lc_pk.shape)
+    return unit_pk, np.array([n for _, need in runs for n in need], np.int64), count_p
+
+
+def filled_runs(lp_p: np.ndarray, lc_pk: np.ndarray, length: int):
+    """Rows of `length` filled in order, each example's completions longest first: a completion
+    joins its example's run when it fits the row, else starts a run (with a copy of the prompt)
+    in this row, or in a new row when that does not fit either; an empty completion joins the
+    example's run. Returns the unit of each completion `[P, K]`, each unit's tokens, row and
+    offset `[U]`, and the rows used (units are assumed to fit: `first_fit_decreasing` checks)."""
+    unit_pk = np.zeros(lc_pk.shape, np.int64)
+    need_u, row_u, offset_u = [], [], []
+    row, free = -1, 0
+    for i, (lp, lc_k) in enumerate(zip(lp_p, lc_pk)):
+        unit = None
+        for j in np.argsort(-lc_k, kind="stable"):
+            n = int(lc_k[j])
+            if unit is not None and n <= free:  # the example's run sits in the current row
+                need_u[unit] += n
+                free -= n
+            else:
+                if lp + n > free:
+                    row, free = row + 1, length
+                unit = len(need_u)
+                need_u.append(int(lp) + n), row_u.append(row), offset_u.append(length - free)
+                free -= int(lp) + n
+            unit_pk[i, j] = unit
+    return (unit_pk, np.array(need_u, np.int64), np.array(row_u, np.int64),
+            np.array(offset_u, np.int64), row + 1)
+
+
+def split_placement(lp_p: np.ndarray, lc_pk: np.ndarray, length: int, example_p: np.ndarray):
+    """Examples cut into runs placed in rows of `length`, the fewer rows of two ways: the runs of
+    `prefix_runs` packed first-fit decreasing, or rows filled in order (`filled_runs`), which
+    cuts examples where the row ends and wins when the first way's runs leave gaps no other run
+    fits. Returns the unit of each completion `[P, K]`, each unit's tokens, row and offset
+    `[U]`, and the rows used. `example_p` names each example's dataset row in errors."""
+    unit_pk, need_u, count_p = packed_runs(lp_p, lc_pk, length)
+    row_u, offset_u, used = first_fit_decreasing(need_u, length, np.repeat(example_p, count_p))
+    filled = filled_runs(lp_p, lc_pk, length)
+    return filled if filled[-1] < used else (unit_pk, need_u, row_u, offset_u, used)
+
+
 def default_row_length(data: TokenizedData, layout: LayoutConfig) -> int:
     """Row length for packing: the configured one, or the bucket of the longest unit."""
     if layout.row_length is not None:
@@ -186,13 +238,14 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
         rows = round_up(num_slots * rows_per, layout.row_multiple)
         return Placement(row_pk, np.zeros((p, k), np.int64), Shape(rows, length, c))
     length = default_row_length(data, layout)
+    if layout.split_examples and layout.length_step is None:
+        unit_pk, _, row_u, offset_u, used = split_placement(lp_p, lc_pk, length,
+                                                            data.example_index_n[idx_p])
+        return Placement(row_u[unit_pk], offset_u[unit_pk],
+                         Shape(round_up(max(used, 1), layout.row_multiple), length, c))
     if layout.split_examples:
-        runs = [prefix_runs(lp_p[i], lc_pk[i], length) for i in range(p)]
-        need_u = np.array([n for _, need in runs for n in need], np.int64)
-        first_p = np.cumsum([0] + [len(need) for _, need in runs])[:-1]
-        unit_pk = first_p[:, None] + np.array([run_k for run_k, _ in runs],
-                                              np.int64).reshape(p, k)
-        example_u = np.repeat(data.example_index_n[idx_p], [len(need) for _, need in runs])
+        unit_pk, need_u, runs_p = packed_runs(lp_p, lc_pk, length)
+        example_u = np.repeat(data.example_index_n[idx_p], runs_p)
     else:
         need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
         units = np.flatnonzero(need_pk.reshape(-1) > 0)

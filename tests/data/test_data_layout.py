@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from prefopt_jax.data import LAYOUTS, DataConfig, LayoutConfig, Shape, make_batch, prepare
-from prefopt_jax.data.layout import bucket, padding_fraction, prefix_runs, tight_row_length
+from prefopt_jax.data.layout import (bucket, filled_runs, first_fit_decreasing, packed_runs,
+                                     padding_fraction, prefix_runs, tight_row_length)
 from prefopt_jax.data.synthetic import synthetic_rows, synthetic_tokenized
 from prefopt_jax.data.tokenized import from_lists
 
@@ -196,6 +197,50 @@ def test_split_examples_cut_groups_between_completions_and_keep_the_contract():
     # A batch with no examples (all slots padding) is rows of padding, as without the split.
     empty = make_batch(data, idx[:0], 2, layout)
     assert empty["tokens"].shape == (1, 40) and not empty["segment_ids"].any()
+
+
+# Two groups of 3 in rows of 12 with prompts of 2: prefix_runs cuts the second group into runs
+# of 8, 9 and 6 tokens, which with the first group's 9 need 4 rows (no two fit one row);
+# filling rows in order, longest completion first, cuts it where the rows end: 3 rows.
+FILL_LP, FILL_LC = np.array([2, 2]), np.array([[0, 0, 7], [6, 7, 4]])
+
+
+def test_filled_runs_cut_examples_where_the_rows_end():
+    unit_pk, need_u, row_u, offset_u, used = filled_runs(FILL_LP, FILL_LC, 12)
+    assert unit_pk.tolist() == [[0, 0, 0], [2, 1, 2]]  # empty completions join the run
+    assert need_u.tolist() == [9, 9, 12] and row_u.tolist() == [0, 1, 2]
+    assert offset_u.tolist() == [0, 0, 0] and used == 3
+    _, need, count = packed_runs(FILL_LP, FILL_LC, 12)
+    assert need.tolist() == [9, 8, 9, 6] and count.tolist() == [1, 3]
+    assert first_fit_decreasing(need, 12, need)[2] == 4
+    # A run that starts mid-row sits after the row's earlier runs.
+    unit_pk, need_u, row_u, offset_u, used = filled_runs(np.array([1, 1]),
+                                                         np.array([[3, 2], [4, 0]]), 12)
+    assert need_u.tolist() == [6, 5] and row_u.tolist() == [0, 0]
+    assert offset_u.tolist() == [0, 6] and used == 1
+
+
+def test_split_placement_takes_the_fewer_rows_and_keeps_the_contract():
+    prompts = [np.arange(1, 3), np.arange(11, 13)]
+    completions = [np.arange(100, 100 + n) for n in FILL_LC.reshape(-1)]
+    data = from_lists("listwise", 3, prompts, completions, np.arange(2), {})
+    idx = np.array([0, 1])
+    batch = make_batch(data, idx, 2, LayoutConfig(kind="prefix_packed", row_length=12,
+                                                  split_examples=True))
+    check_batch(batch, data, idx)
+    assert batch["tokens"].shape == (3, 12)
+    assert sum(len(set(s[s > 0])) for s in batch["segment_ids"]) == 3  # a prompt copy per run
+    assert int((batch["segment_ids"] > 0).sum()) == 2 * 3 + FILL_LC.sum()
+    # Where first_fit_decreasing needs the fewer rows, its placement is kept: here the runs
+    # 5 | 12 | 9 + 6 fill 3 rows first-fit decreasing and 4 in order (5, 8 + 4, 9, 6).
+    lc = np.array([[3, 0], [6, 4], [7, 4]])
+    assert filled_runs(np.full(3, 2), lc, 12)[-1] == 4
+    data = from_lists("paired", 2, [np.arange(1, 3) + 10 * i for i in range(3)],
+                      [np.arange(100, 100 + n) for n in lc.reshape(-1)], np.arange(3), {})
+    batch = make_batch(data, np.arange(3), 3, LayoutConfig(kind="prefix_packed", row_length=12,
+                                                           split_examples=True))
+    check_batch(batch, data, np.arange(3))
+    assert batch["tokens"].shape == (3, 12)
 
 
 def test_prefix_runs_start_only_when_the_next_completion_does_not_fit():

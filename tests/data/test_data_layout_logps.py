@@ -104,3 +104,24 @@ def test_split_examples_give_identical_logps(tok, model):
     padded = make_batch(data, idx, 6, LayoutConfig(kind="padded"), min_shape=SHAPE)
     np.testing.assert_allclose(token_logps(model, batch), token_logps(model, padded),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_rows_filled_in_order_give_identical_logps(model):
+    # Runs cut where the rows end (layout.filled_runs: 3 rows of 12, where prefix_runs' runs
+    # need 4), the second example's first run starting mid-row after the first example's last
+    # run: the padded layout's log-probs.
+    from prefopt_jax.data.tokenized import from_lists
+
+    rng = np.random.default_rng(5)
+    lengths = [2, 1, 8, 6, 5, 1]
+    data = from_lists("listwise", 3, [rng.integers(3, 40, 2) for _ in range(2)],
+                      [rng.integers(3, 40, n) for n in lengths], np.arange(2), {})
+    idx = np.array([0, 1])
+    split = LayoutConfig(kind="prefix_packed", row_length=12, split_examples=True)
+    tight = make_batch(data, idx, 2, split)
+    assert tight["tokens"].shape == (3, 12)
+    assert tight["segment_ids"][1].tolist() == [1] * 3 + [2] * 8 + [0]  # 2 + 1, then 2 + 6
+    batch = make_batch(data, idx, 2, split, min_shape=SHAPE)
+    padded = make_batch(data, idx, 2, LayoutConfig(kind="padded"), min_shape=SHAPE)
+    np.testing.assert_allclose(token_logps(model, batch), token_logps(model, padded),
+                               atol=2e-5, rtol=2e-5)
