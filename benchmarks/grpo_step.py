@@ -108,12 +108,20 @@ def bench_prefopt(args) -> dict:
     body = n_params - head * (1 if cfg.tie_word_embeddings else 2)
     del model
     rows, compiling = [], []
-    compiled = lambda: (task.step_fn._cache_size(), generate._decode._cache_size())  # noqa: E731
+    step_fn, positions = task.step_fn, []
+
+    def counting(state, batch):  # the batch's real (non-padding) row positions
+        positions.append(int(np.count_nonzero(jax.device_get(batch["segment_ids"]))))
+        return step_fn(state, batch)
+
+    task.step_fn = counting
+    compiled = lambda: (step_fn._cache_size(), generate._decode._cache_size())  # noqa: E731
     with jax.set_mesh(task.mesh):
         task.step(1)  # compiles the update (the sampler compiled in the first iteration)
         warm = time.perf_counter() - t0
         for number in range(2, args.iterations + args.max_warmup + 2):
             before = compiled()
+            positions.clear()
             t = time.perf_counter()
             batch = task.step(number)[0]
             seconds = time.perf_counter() - t
@@ -123,7 +131,7 @@ def bench_prefopt(args) -> dict:
             data = task.rollouts.data
             completion = int(data.completion_lengths_nk.sum())
             logical = int((data.prompt_lengths_n[:, None] + data.completion_lengths_nk).sum())
-            row_tokens = row_positions(task)
+            row_tokens = sum(positions)
             gen = task.rollouts.metrics["generation/seconds"]
             rows.append((seconds, gen, completion, logical, row_tokens, batch["tokens"]))
             if len(rows) == args.iterations:
@@ -147,24 +155,6 @@ def bench_prefopt(args) -> dict:
             "mfu": flops / update / peak, "matmul_peak_flops": peak,
             "body_params": int(body), "head_params": int(head),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-
-
-def row_positions(task) -> int:
-    """Real (non-padding) row positions the update computes for this iteration's rollouts: every
-    sample's prompt + completion, or the prompt once per group when the layout shares it (once
-    per run when prefix_packed cuts groups into runs)."""
-    import numpy as np
-
-    from prefopt_jax.data.layout import prefix_runs
-
-    data, layout = task.rollouts.data, task.layout
-    completions = int(data.completion_lengths_nk.sum())
-    if layout.split_examples:
-        copies = np.array([len(prefix_runs(lp, lc_k, layout.row_length)[1])
-                           for lp, lc_k in zip(data.prompt_lengths_n, data.completion_lengths_nk)])
-    else:
-        copies = np.full(len(data), 1 if layout.shares_prefix else data.num_completions)
-    return completions + int((data.prompt_lengths_n * copies).sum())
 
 
 def bench_trl(args) -> dict:

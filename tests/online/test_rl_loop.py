@@ -135,15 +135,28 @@ def test_groups_cut_into_packed_runs_give_the_prefix_rows_loss_and_gradient(tmp_
 
 def test_packed_samples_give_the_prefix_rows_loss_and_gradient(tmp_path):
     """`packed` rollouts: a sample (its prompt and completion) per segment, several to a row;
-    the row count is rounded up to an eighth of the 16 rows full-length samples would need,
-    so the update compiles few shapes."""
+    the row count is rounded up to a sixteenth of the 16 rows full-length samples would need
+    (so no row is padding alone), so the update compiles at most 16 shapes."""
     whole, packed = task(tmp_path / "a", "dapo"), task(tmp_path / "b", "dapo", layout="packed")
-    assert packed.layout.row_multiple == 2
+    assert packed.layout.row_multiple == 1
     batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(packed.loader, 1, packed.fillers))
     segments = sum(len(set(row[row > 0])) for row in batch["segment_ids"])
-    assert segments == 16 and batch["tokens"].shape[0] % 2 == 0
+    assert segments == 16 and (batch["segment_ids"].max(axis=1) > 0).all()
     packed.loader = packed.iteration_loader(0)
     same_step(whole, packed)
+
+
+def test_packed_row_counts_are_rounded_to_a_sixteenth_of_the_most_needed():
+    """32 groups of 4 samples of at most 8 tokens: packed rows hold one full-length sample, so
+    a batch needs at most 128 rows, counted in eights; prefix_packed rows hold a group, at most
+    32, counted in twos (and in the data-parallel device count where that is larger)."""
+    prompts = rl.Prompts([[1, 2, 3]] * 32, ["p"] * 32, {})
+    config = rl.RLConfig(prompts_per_iteration=32, group_size=4, max_new_tokens=8)
+    layout = lambda kind, devices=1: rl.rollout_layout(  # noqa: E731
+        loop.DataSpec(layout=kind), prompts, config, devices, 0)
+    assert layout("packed").row_multiple == 8
+    assert layout("prefix_packed").row_multiple == 2
+    assert layout("prefix_packed", devices=4).row_multiple == 4
 
 
 def same_step(whole, other):
