@@ -643,8 +643,9 @@ def rollout_layout(spec, prompts: Prompts, rl: RLConfig, row_multiple: int,
     rows have one length, and their count is rounded up to a sixteenth of the most a batch can
     need, so at most sixteen row counts compile (a run meets a few: 5 in 300 batches drawn
     from the GRPO benchmark's sample lengths) and a batch pays for less than a sixteenth of
-    padding rows (in those batches eighths cost prefix_packed 5.6% more row positions); short prefix_packed rows keep attention cheap and cutting groups leaves little
-    padding, at the cost of a prompt copy per extra run."""
+    padding rows (in those batches eighths cost prefix_packed 5.6% more row positions). Short
+    prefix_packed rows keep attention cheap and cutting groups leaves little padding, at the
+    cost of a prompt copy per extra run."""
     longest, g, c = max(len(p) for p in prompts.ids), rl.group_size, rl.max_new_tokens
     unit = round_up(longest + (g if spec.layout.startswith("prefix") else 1) * c, 16)
     common = {"kind": spec.layout, "completion_buckets": (c,), "pad_id": pad_id}
