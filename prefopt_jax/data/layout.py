@@ -238,23 +238,22 @@ def place(data: TokenizedData, idx_p: np.ndarray, num_slots: int,
         rows = round_up(num_slots * rows_per, layout.row_multiple)
         return Placement(row_pk, np.zeros((p, k), np.int64), Shape(rows, length, c))
     length = default_row_length(data, layout)
-    if layout.split_examples and layout.length_step is None:
+    if layout.split_examples:
+        if layout.length_step is not None:  # the rows' length from the runs that fit `length`
+            length = tight_row_length(packed_runs(lp_p, lc_pk, length)[1], length,
+                                      layout.length_step, layout.row_multiple)
         unit_pk, _, row_u, offset_u, used = split_placement(lp_p, lc_pk, length,
                                                             data.example_index_n[idx_p])
         return Placement(row_u[unit_pk], offset_u[unit_pk],
                          Shape(round_up(max(used, 1), layout.row_multiple), length, c))
-    if layout.split_examples:
-        unit_pk, need_u, runs_p = packed_runs(lp_p, lc_pk, length)
-        example_u = np.repeat(data.example_index_n[idx_p], runs_p)
-    else:
-        need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
-        units = np.flatnonzero(need_pk.reshape(-1) > 0)
-        need_u, example_u = need_pk.reshape(-1)[units], data.example_index_n[idx_p][units // k]
-        unit_pk = np.full(p * k, -1, np.int64)
-        unit_pk[units] = np.arange(len(units))
-        unit_pk = unit_pk.reshape(p, k)
-        if layout.shares_prefix:  # the whole example is the unit of column 0
-            unit_pk = np.repeat(unit_pk[:, :1], k, axis=1)
+    need_pk = unit_lengths(lp_p, lc_pk, layout.shares_prefix)
+    units = np.flatnonzero(need_pk.reshape(-1) > 0)
+    need_u, example_u = need_pk.reshape(-1)[units], data.example_index_n[idx_p][units // k]
+    unit_pk = np.full(p * k, -1, np.int64)
+    unit_pk[units] = np.arange(len(units))
+    unit_pk = unit_pk.reshape(p, k)
+    if layout.shares_prefix:  # the whole example is the unit of column 0
+        unit_pk = np.repeat(unit_pk[:, :1], k, axis=1)
     if layout.length_step is not None:
         length = tight_row_length(need_u, length, layout.length_step, layout.row_multiple)
     row_u, offset_u, used = first_fit_decreasing(need_u, length, example_u)

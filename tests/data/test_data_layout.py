@@ -194,6 +194,14 @@ def test_split_examples_cut_groups_between_completions_and_keep_the_contract():
     # Whole examples do not fit rows of 40: without the split they are refused.
     with pytest.raises(ValueError, match="needs .* tokens, more than the packed row length 40"):
         make_batch(data, idx, 10, dataclasses.replace(layout, split_examples=False))
+    # With length_step the rows take the multiple of 4 (up to 64) holding the fewest positions,
+    # here shorter than 64; the runs are cut for that length and keep the contract.
+    wide = dataclasses.replace(layout, row_length=64)
+    fixed = make_batch(data, idx, 10, wide)
+    stepped = make_batch(data, idx, 10, dataclasses.replace(wide, length_step=4))
+    check_batch(stepped, data, idx)
+    assert stepped["tokens"].shape[1] < 64 and stepped["tokens"].shape[1] % 4 == 0
+    assert stepped["tokens"].size < fixed["tokens"].size
     # A batch with no examples (all slots padding) is rows of padding, as without the split.
     empty = make_batch(data, idx[:0], 2, layout)
     assert empty["tokens"].shape == (1, 40) and not empty["segment_ids"].any()
