@@ -161,7 +161,8 @@ class RolloutInputs:
       ref_logps_nc: [N, C] reference log-probs; None = no KL term.
       values_nc, old_values_nc: [N, C] critic values now and at sampling time (ppo, rto).
       entropy_nc: [N, C] the current policy's entropy at each completion position (with
-        gradient, for an entropy bonus); None where the engine did not compute it.
+        gradient when the objective's `entropy_coef` is not 0, for the entropy bonus); None
+        where the engine did not compute it.
       valid_n, weight_n: as in UnpairedInputs.
       extras: loss-specific arrays (rto: `dpo_log_ratio_nc`; pref_grpo: `win_prob_gkk`).
     """

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 from prefopt_jax.losses import modifiers as modifiers_lib
 from prefopt_jax.losses.registry import (COUPLINGS, LossInfo, ObjectiveError, UnknownLossError,
-                                         check_hyper, check_keywords, get, info,
-                                         parameter_defaults)
+                                         check_hyper, check_keywords, get, hyper_defaults,
+                                         info, parameter_defaults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,14 @@ class Objective:
 
     def __call__(self, inputs, state=None):
         return self.fn(inputs, state, **dict(self.hyper))
+
+    def setting(self, key: str, absent=None):
+        """A hyper-parameter's value as the loss sees it: the one given, else the registered
+        function's default, else `absent` (the loss has no such parameter). None for a mix,
+        whose components keep their own values."""
+        if self.info.name == "mix":
+            return None
+        return {**hyper_defaults(get(self.info.name)), **dict(self.hyper)}.get(key, absent)
 
 
 def _known(name: str) -> Callable:

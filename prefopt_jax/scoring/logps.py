@@ -37,10 +37,12 @@ def float32_projection(model) -> Callable[[Array], Array]:
 
 
 def target_terms(logits_mv: Array, targets_m: Array, token_stats: bool = False,
-                 entropy: bool = False) -> dict:
+                 entropy: bool = False, entropy_gradient: bool = True) -> dict:
     """Per-position terms of one model's float32 logits: `logps` of the targets, with
     `token_stats` WPO's `log_sum_p2 = log sum_v p_v^2` (no gradient: WPO's weights are frozen),
-    with `entropy` the distribution's entropy `logZ - sum_v p_v z_v` (with gradient)."""
+    with `entropy` the distribution's entropy `logZ - sum_v p_v z_v`, with gradient unless
+    `entropy_gradient` is False (a value to report: its backward pass, over the whole
+    vocabulary, is then not computed)."""
     logz_m = jax.nn.logsumexp(logits_mv, axis=-1)
     picked_m = jnp.take_along_axis(logits_mv, targets_m[:, None], axis=-1)[:, 0]
     out = {"logps": picked_m - logz_m}
@@ -49,7 +51,8 @@ def target_terms(logits_mv: Array, targets_m: Array, token_stats: bool = False,
         out["log_sum_p2"] = jax.nn.logsumexp(2.0 * logp_mv, axis=-1)
     if entropy:
         p_mv = jnp.exp(logits_mv - logz_m[:, None])
-        out["entropy"] = logz_m - jnp.sum(p_mv * logits_mv, axis=-1)
+        entropy_m = logz_m - jnp.sum(p_mv * logits_mv, axis=-1)
+        out["entropy"] = entropy_m if entropy_gradient else jax.lax.stop_gradient(entropy_m)
     return out
 
 

@@ -82,6 +82,8 @@ def score(setup: StepSetup, policy, state: TrainState, batch, critic_params=None
     projects = [logps_lib.float32_projection(model)]
     stats = "token_stats" in needs
     entropy = setup.loss_kind == "rollout"  # reported, and the entropy bonus's gradient
+    # Only a bonus differentiates it (a mix's components keep their coefficients: None).
+    entropy_gradient = setup.objective.setting("entropy_coef", 0.0) != 0.0
     if "teacher_logits" in needs:
         terms = setup.objective.info.token_terms
         hyper = {k: v for k, v in setup.objective.hyper
@@ -95,7 +97,7 @@ def score(setup: StepSetup, policy, state: TrainState, batch, critic_params=None
                     **terms(logits_mv, teacher_mv, ref_mv, **hyper)}
     else:
         fn = lambda logits_mv, targets_m: logps_lib.target_terms(  # noqa: E731
-            logits_mv, targets_m, stats, entropy)
+            logits_mv, targets_m, stats, entropy, entropy_gradient)
     scores = logps_lib.gathered_terms(fn, projects, hiddens, batch["source_index"],
                                       batch["target_tokens"], setup.logps_chunk,
                                       batch["completion_mask"])

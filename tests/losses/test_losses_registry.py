@@ -100,3 +100,18 @@ def test_compose_checks_names_hyper_parameters_and_mixes():
     wrapped = losses.compose("dpo", modifiers=[("wpo", {}), ("reference_free", {})])
     assert wrapped.info.needs == ("token_stats",) and not wrapped.info.reference
     assert wrapped.name == "reference_free(wpo(dpo))"
+
+
+def test_a_setting_is_the_value_the_loss_sees():
+    """`Objective.setting`: the value given, else the registered default, else `absent`; a
+    modifier keeps the wrapped loss's values; a mix (whose parts keep theirs) answers None."""
+    given = losses.compose("dapo", {"group_size": 4, "entropy_coef": 0.1})
+    assert given.setting("entropy_coef") == 0.1
+    default = losses.compose("dapo", {"group_size": 4})
+    assert default.setting("entropy_coef") == 0.0 and default.setting("epsilon") == 0.2
+    assert losses.compose("dpo").setting("entropy_coef", absent=0.0) == 0.0
+    assert losses.compose("dpo").setting("beta") == 0.1
+    wrapped = losses.compose("dpo", {"beta": 0.3}, modifiers=[("wpo", {})])
+    assert wrapped.setting("beta") == 0.3 and wrapped.setting("label_smoothing") == 0.0
+    mixed = losses.compose(mix=[("dapo", 1.0, {"group_size": 4, "entropy_coef": 0.1})])
+    assert mixed.setting("entropy_coef", absent=0.0) is None

@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,12 +45,12 @@ def run_cli(out, *bindings):
     return records(out)
 
 
-def task(tmp_path, loss="grpo", layout="prefix", micro=1, row_length=None, **rl_kw):
+def task(tmp_path, loss="grpo", layout="prefix", micro=1, row_length=None, hyper=(),
+         optimiser=optim.OptimConfig(warmup_steps=0), **rl_kw):
     config = rl.RLConfig(**{"prompts_per_iteration": 4, "group_size": 4, "max_new_tokens": 8,
                             "rewards": (EVEN,), **rl_kw})
     data_spec = loop.DataSpec(layout=layout, micro_batches=micro, row_length=row_length)
-    return rl.RolloutTask(TINY, data_spec,
-                          build.AlgoConfig(loss=loss), optim.OptimConfig(warmup_steps=0),
+    return rl.RolloutTask(TINY, data_spec, build.AlgoConfig(loss=loss, hyper=hyper), optimiser,
                           loop.LoopConfig(output_dir=str(tmp_path), seed=3), rl=config)
 
 
@@ -166,6 +167,50 @@ def same_step(whole, other):
     two, _ = other.step(1)
     for key in ("loss", "grad_norm", "kl"):
         np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=1e-7)
+
+
+def test_an_entropy_bonus_adds_the_gradient_of_the_entropy(tmp_path):
+    """DAPO averages over the batch's tokens, so `entropy_coef` c adds `-c mean_t H_t`. One
+    SGD step (learning rate 1, no momentum, no clipping) with c moves the policy by c times
+    the gradient of that mean entropy, computed here from the model's whole logits, beyond
+    the step without a bonus. Without one the entropy is reported but not differentiated."""
+    from flax import nnx
+
+    sgd = optim.OptimConfig(name="sgd", learning_rate=1.0, schedule="constant", warmup_steps=0,
+                            b1=0.0, max_grad_norm=0.0)
+    coef = 0.5
+    plain = task(tmp_path / "a", "dapo", optimiser=sgd)
+    bonus = task(tmp_path / "b", "dapo", hyper={"entropy_coef": coef}, optimiser=sgd)
+    assert plain.setup.objective.setting("entropy_coef") == 0.0
+    batch = jax.tree.map(lambda x: x[0], driver.next_batch_m(plain.loader, 1, plain.fillers))
+    plain.loader = plain.iteration_loader(0)  # the batch above again, for the step
+    params = policy_params(plain.setup, plain.state)
+    mask = batch["completion_mask"]
+
+    def mean_entropy(p):
+        model = nnx.merge(plain.setup.graphdef, p, plain.state.rest)
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"],
+                       batch["branch_ids"])
+        logits_qcv = logits.reshape(-1, logits.shape[-1])[batch["source_index"]]
+        logp_qcv = jax.nn.log_softmax(logits_qcv.astype(jnp.float32), axis=-1)
+        entropy_qc = -jnp.sum(jnp.exp(logp_qcv) * logp_qcv, axis=-1)
+        return jnp.sum(entropy_qc * mask) / jnp.sum(mask)
+
+    entropy, grad = jax.value_and_grad(mean_entropy)(params)
+    for t, differentiated in ((plain, False), (bonus, True)):
+        engine = jax.grad(lambda p, t=t: jnp.sum(
+            step_lib.score(t.setup, p, t.state, batch)["entropy"] * mask))(params)
+        assert any(np.any(g != 0) for g in jax.tree.leaves(engine)) == differentiated
+    one, _ = plain.step(1)
+    two, _ = bonus.step(1)
+    np.testing.assert_allclose(one["entropy"], entropy, rtol=1e-5)
+    np.testing.assert_allclose(two["loss"], one["loss"] - coef * entropy, rtol=1e-4, atol=1e-6)
+    moved = jax.tree.map(lambda b, a: b - a, policy_params(bonus.setup, bonus.state),
+                         policy_params(plain.setup, plain.state))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad))
+    for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(grad)):
+        np.testing.assert_allclose(got, coef * want, atol=5e-4 * coef * scale)
+    assert scale > 0
 
 
 def test_dynamic_sampling_drops_groups_whose_rewards_agree(tmp_path):
