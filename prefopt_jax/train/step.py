@@ -82,7 +82,7 @@ def score(setup: StepSetup, policy, state: TrainState, batch, critic_params=None
     projects = [logps_lib.float32_projection(model)]
     stats = "token_stats" in needs
     entropy = setup.loss_kind == "rollout"  # reported, and the entropy bonus's gradient
-    # Only a bonus differentiates it (a mix's components keep their coefficients: None).
+    # Differentiated only for a bonus; a mix answers None and keeps the gradient.
     entropy_gradient = setup.objective.setting("entropy_coef", 0.0) != 0.0
     if "teacher_logits" in needs:
         terms = setup.objective.info.token_terms

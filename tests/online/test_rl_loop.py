@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from prefopt_jax import cli, losses
 from prefopt_jax.data import DataError
@@ -174,8 +175,6 @@ def test_an_entropy_bonus_adds_the_gradient_of_the_entropy(tmp_path):
     SGD step (learning rate 1, no momentum, no clipping) with c moves the policy by c times
     the gradient of that mean entropy, computed here from the model's whole logits, beyond
     the step without a bonus. Without one the entropy is reported but not differentiated."""
-    from flax import nnx
-
     sgd = optim.OptimConfig(name="sgd", learning_rate=1.0, schedule="constant", warmup_steps=0,
                             b1=0.0, max_grad_norm=0.0)
     coef = 0.5
