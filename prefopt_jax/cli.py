@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from prefopt_jax import hostmem
 
     hostmem.keep_freed_memory()  # before the sub-command starts JAX (see hostmem.py)
+    # A config names the user's own code as 'module:function' (reward functions): found in the
+    # working directory as under `python -m`, but after the installed packages, so a local
+    # folder named like one (`datasets/`) never shadows it.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PREFOPT_DEBUG", "") not in ("", "0")
     args = build_parser().parse_args([a for a in argv if a != "--debug"])

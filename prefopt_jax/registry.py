@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import os
 import re
 
@@ -127,14 +128,30 @@ def close_names(error: str) -> list[str]:
 
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gin_path_misses(record: logging.LogRecord) -> bool:
+    """False for gin's "Path not found" log, written at error level for each search location
+    an include is not in (the working directory before the repository root) even when the
+    next location has it; a file found nowhere still fails the parse with its name."""
+    return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+                and record.getMessage().startswith("Path not found"))
+
+
 def parse(files: list[str], bindings: list[str]) -> None:
     """Parse gin files then `NAME=VALUE` bindings; unknown names fail here, before compute."""
     gin.clear_config()
     # `include 'configs/...'` resolves from the repository root whatever the working directory.
-    gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # gin has no public reader of the list
+        gin.add_config_file_search_path(REPO_ROOT)
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_gin_path_misses)
     try:
         gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
     except (ValueError, KeyError, SyntaxError) as err:
         hints = close_names(str(err))
         hint = f"\nclose names: {', '.join(hints)}" if hints else ""
         raise ConfigError(f"{err}{hint}") from err
+    finally:
+        root_logger.removeFilter(_gin_path_misses)

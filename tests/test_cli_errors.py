@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from prefopt_jax import cli
+from prefopt_jax.commands.train import split_gin_args
 from prefopt_jax.errors import ConfigError
 from prefopt_jax.train import loop
 
@@ -93,3 +94,33 @@ def test_help_mentions_gin_overrides_or_an_example(command, capsys):
     assert "example" in text.lower(), text
     if command in ("train", "eval"):
         assert "--gin.NAME=VALUE" in text, text
+
+
+def test_gin_bindings_in_every_form_gin_users_type(capsys):
+    rest, bindings = split_gin_args(["a.gin", "--gin.X.y=1", "--gin", "X.z='b'", "--gin=W.v=2",
+                                     "--debug"])
+    assert rest == ["a.gin", "--debug"] and bindings == ["X.y=1", "X.z='b'", "W.v=2"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "configs/experiments/tiny.gin", "--gin"])
+    assert exit_.value.code == 2
+    assert "--gin needs a binding" in capsys.readouterr().err
+
+
+def test_the_installed_command_finds_reward_modules_in_the_working_directory(tmp_path):
+    # The console script, not `python -m` (which puts the working directory on sys.path itself),
+    # run outside the repository: includes resolve without gin's "Path not found" noise.
+    script = os.path.join(os.path.dirname(sys.executable), "prefopt")
+    assert os.path.exists(script), f"{script}: the package's console script is not installed"
+    (tmp_path / "my_rewards.py").write_text(
+        "def lengths(prompts, completions, **fields):\n"
+        "    open('calls.txt', 'a').write(f'{len(completions)}\\n')\n"
+        "    return [float(len(c) % 3) for c in completions]\n")
+    proc = subprocess.run(
+        [script, "train", os.path.join(ROOT, "configs/experiments/grpo_tiny.gin"),
+         "--gin", "RLConfig.rewards=['my_rewards:lengths']", "--gin", "LoopConfig.steps=1",
+         f"--gin=LoopConfig.output_dir='{tmp_path / 'run'}'"],
+        cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "calls.txt").read_text().split() == ["16"]  # 4 prompts x 4 samples
+    assert "Path not found" not in proc.stderr, proc.stderr[-2000:]

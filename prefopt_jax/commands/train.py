@@ -16,8 +16,8 @@ def register(subparsers) -> None:
                     "LoopConfig.output_dir, a run resumes from its newest intact checkpoint.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="+", help="gin files (later files override earlier ones); "
-                   "then any number of --gin.NAME=VALUE overrides, e.g. "
-                   "--gin.LoopConfig.steps=50")
+                   "then any number of --gin.NAME=VALUE (or --gin NAME=VALUE) overrides, "
+                   "e.g. --gin.LoopConfig.steps=50")
     p.add_argument("--coordinator", default=os.environ.get("PREFOPT_COORDINATOR"),
                    help="multi-host: coordinator address host:port")
     p.add_argument("--num-processes", type=int,
@@ -43,7 +43,7 @@ EXAMPLES = """examples:
 
 
 def accept_gin_flags(parser) -> None:
-    """Makes `parser` collect `--gin.NAME=VALUE` flags into `args.gin_bindings`.
+    """Makes `parser` collect gin flags (`split_gin_args`) into `args.gin_bindings`.
 
     Such flags cannot be declared to argparse, so they are peeled off before it parses.
     """
@@ -51,7 +51,10 @@ def accept_gin_flags(parser) -> None:
     parse_known = parser.parse_known_args
 
     def parse_with_gin(arg_strings=None, namespace=None):
-        rest, bindings = split_gin_args(list(arg_strings or []))
+        try:
+            rest, bindings = split_gin_args(list(arg_strings or []))
+        except ValueError as err:
+            parser.error(str(err))
         namespace, extra = parse_known(rest, namespace)
         namespace.gin_bindings = bindings
         return namespace, extra
@@ -60,11 +63,23 @@ def accept_gin_flags(parser) -> None:
 
 
 def split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate `--gin.NAME=VALUE` bindings from the other arguments."""
+    """Separate gin bindings from the other arguments: `--gin.NAME=VALUE`, and the forms gin
+    users also type, `--gin NAME=VALUE` and `--gin=NAME=VALUE`."""
     bindings, rest = [], []
-    for arg in argv:
-        (bindings if arg.startswith("--gin.") else rest).append(arg)
-    return rest, [b[len("--gin."):] for b in bindings]
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--gin."):
+            bindings.append(arg[len("--gin."):])
+        elif arg.startswith("--gin="):
+            bindings.append(arg[len("--gin="):])
+        elif arg == "--gin":
+            binding = next(args, None)
+            if binding is None:
+                raise ValueError("--gin needs a binding after it, e.g. --gin LoopConfig.steps=50")
+            bindings.append(binding)
+        else:
+            rest.append(arg)
+    return rest, bindings
 
 
 def init_distributed(args) -> None:
