@@ -150,18 +150,33 @@ class RLConfig:
 
 @dataclasses.dataclass
 class Prompts:
-    """The prompt data: token ids, the prompt as reward functions see it, other columns."""
+    """The prompt data: token ids, the prompt as text (messages rendered by the chat template),
+    other columns, and each conversational prompt's messages (None for a text prompt)."""
 
     ids: list
     texts: list
     fields: dict
+    messages: list | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, index: np.ndarray) -> tuple[list, list, dict]:
+    def take(self, index: np.ndarray) -> tuple[list, list, dict, list]:
+        messages = self.messages or [None] * len(self.ids)
         return ([self.ids[i] for i in index], [self.texts[i] for i in index],
-                {k: [v[i] for i in index] for k, v in self.fields.items()})
+                {k: [v[i] for i in index] for k, v in self.fields.items()},
+                [messages[i] for i in index])
+
+
+def reward_inputs(texts: list, messages: list, completions: list) -> tuple[list, list]:
+    """Prompts and completions as reward functions see them, in TRL's convention: a text prompt
+    and its completions as text; a conversational prompt as its messages and each completion as
+    one assistant message, `[{"role": "assistant", "content": text}]`. `completions` holds
+    `len(texts)` equal groups, rows `b G + k`."""
+    g = len(completions) // max(len(texts), 1)
+    prompts = [m if m is not None else t for t, m in zip(texts, messages)]
+    return prompts, [c if messages[n // g] is None else [{"role": "assistant", "content": c}]
+                     for n, c in enumerate(completions)]
 
 
 def prompt_text(tokenizer, prompt) -> str:
@@ -189,7 +204,7 @@ def load_prompts(source: str, tokenizer, field: str = "prompt", tiny_count: int 
     if not rows:
         raise DataSourceError(f"{source}: no rows")
     columns = sorted({k for r in rows for k in r} - {field})
-    ids, texts = [], []
+    ids, texts, messages = [], [], []
     for i, row in enumerate(rows):
         prompt = row.get(field)
         ok = isinstance(prompt, str) and prompt.strip() or (
@@ -200,7 +215,8 @@ def load_prompts(source: str, tokenizer, field: str = "prompt", tiny_count: int 
                                      "{role, content} messages").located(src)
         ids.append(onpolicy.prompt_ids(tokenizer, prompt))
         texts.append(prompt_text(tokenizer, prompt))
-    return Prompts(ids, texts, {k: [r.get(k) for r in rows] for k in columns})
+        messages.append(None if isinstance(prompt, str) else prompt)
+    return Prompts(ids, texts, {k: [r.get(k) for r in rows] for k in columns}, messages)
 
 
 def draw_order(count: int, start: int, stop: int, seed: int) -> np.ndarray:
@@ -405,9 +421,9 @@ class RolloutTask(loop_lib.PolicyTask):
     def sample_groups(self, policy, draws: np.ndarray) -> list[dict]:
         """G samples of the prompts of `draws`, scored: one dict per group."""
         rl, g = self.rl, self.rl.group_size
-        ids, texts, fields = self.prompts.take(draw_order(len(self.prompts), int(draws[0]),
-                                                          int(draws[-1]) + 1, self.loop.seed)
-                                               ) if len(draws) else ([], [], {})
+        ids, texts, fields, messages = self.prompts.take(draw_order(
+            len(self.prompts), int(draws[0]), int(draws[-1]) + 1, self.loop.seed)
+        ) if len(draws) else ([], [], {}, [])
         if not ids:
             return []
         # On this process's first device alone, outside the run's mesh: each process samples
@@ -428,7 +444,9 @@ class RolloutTask(loop_lib.PolicyTask):
             reference = (self.reference_model, self.sampling,
                          int(np.random.default_rng([self.loop.seed, int(draws[0])]).integers(
                              2 ** 31)), self.pad_id)
-        scored = self.rewards(rep(texts), texts_n, {k: rep(v) for k, v in fields.items()},
+        prompts_in, completions_in = reward_inputs(texts, messages, texts_n)
+        scored = self.rewards(rep(prompts_in), completions_in,
+                              {k: rep(v) for k, v in fields.items()},
                               tokens=(ids, out.tokens_bn.reshape(shape),
                                       out.mask_bn.reshape(shape)), reference=reference)
         stopped_n = np.array([len(c) > 0 and int(c[-1]) in self.sampling.stop_ids

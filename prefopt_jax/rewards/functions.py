@@ -2,11 +2,18 @@
 
 A reward function is called once per batch as
 
-    fn(prompts: list[str], completions: list[str], **fields) -> list[float | None]
+    fn(prompts, completions, **fields) -> list[float | None]
 
 where `fields` are the prompt dataset's other columns, each a list aligned with `prompts` (for
 example `answer`). `None` means "no opinion" on that sample: it is left out of the weighted sum
 (and of that function's own statistics); a sample no function has an opinion on has no reward.
+
+TRL's reward functions run unchanged. A function that names `prompts`, `completions` or
+`completion_ids` is called by keyword, as TRL calls it (`def f(completions, **kwargs)` works);
+one that names `completion_ids`, or takes `**kwargs`, also gets each completion's sampled
+token ids. A conversational prompt comes as its list of messages and each of its completions as one
+assistant message, `[{"role": "assistant", "content": text}]` (`online.rl.reward_inputs`); the
+built-in functions take either form (`completion_texts`).
 
 Configs name a function as `'package.module:function'` (any importable callable) or by a
 built-in name (`BUILTINS`); `(name, {params})` passes parameters to a built-in's factory.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -32,6 +40,12 @@ class RewardFunctionError(UserError, RuntimeError):
     """A reward function that failed or returned something other than one number per sample."""
 
 
+def completion_texts(completions) -> list[str]:
+    """The completions as text: a text completion as it is, TRL's conversational form (a list
+    of messages) as its last message's content."""
+    return [c if isinstance(c, str) else str(c[-1]["content"]) if c else "" for c in completions]
+
+
 # Built-in reward functions (factories take the `(name, {params})` parameters).
 
 def math_answer(prompts, completions, answer=None, **_) -> list[float | None]:
@@ -41,7 +55,7 @@ def math_answer(prompts, completions, answer=None, **_) -> list[float | None]:
         raise ValueError("needs an 'answer' column in the prompt data")
     from math_verify import parse, verify
     out = []
-    for completion, gold in zip(completions, answer):
+    for completion, gold in zip(completion_texts(completions), answer):
         if gold is None:
             out.append(None)
             continue
@@ -56,7 +70,7 @@ def exact_match(prompts, completions, answer=None, **_) -> list[float | None]:
     if answer is None:
         raise ValueError("needs an 'answer' column in the prompt data")
     return [None if gold is None else float(c.strip() == str(gold).strip())
-            for c, gold in zip(completions, answer)]
+            for c, gold in zip(completion_texts(completions), answer)]
 
 
 def regex(pattern: str, full: bool = False) -> Callable:
@@ -65,7 +79,8 @@ def regex(pattern: str, full: bool = False) -> Callable:
     match = compiled.fullmatch if full else compiled.search
 
     def reward(prompts, completions, **_):
-        return [float(match(c.strip() if full else c) is not None) for c in completions]
+        return [float(match(c.strip() if full else c) is not None)
+                for c in completion_texts(completions)]
 
     reward.__name__ = f"regex({pattern!r})"
     return reward
@@ -78,7 +93,7 @@ def share(pattern: str) -> Callable:
 
     def reward(prompts, completions, **_):
         out = []
-        for c in completions:
+        for c in completion_texts(completions):
             words = c.split()
             out.append(sum(compiled.fullmatch(w) is not None for w in words) / max(len(words), 1))
         return out
@@ -96,7 +111,8 @@ def length_penalty(max_chars: int, penalty: float = 1.0) -> Callable:
     """`-penalty * max(0, len - max_chars) / max_chars`: 0 up to `max_chars` characters, then
     growing linearly (the soft overlong penalty acts on tokens inside the loop)."""
     def reward(prompts, completions, **_):
-        return [-penalty * max(0, len(c) - max_chars) / max_chars for c in completions]
+        return [-penalty * max(0, len(c) - max_chars) / max_chars
+                for c in completion_texts(completions)]
 
     return reward
 
@@ -104,7 +120,7 @@ def length_penalty(max_chars: int, penalty: float = 1.0) -> Callable:
 def sentiment(prompts, completions, **_) -> list[float]:
     """VADER's compound sentiment of the completion, in [-1, 1]."""
     from prefopt_jax.rewards.sentiment import compound
-    return [float(s) for s in compound(completions)]
+    return [float(s) for s in compound(completion_texts(completions))]
 
 
 BUILTINS: dict[str, Callable] = {
@@ -250,16 +266,21 @@ class RewardFunctions:
         """Whether a scorer shapes against the reference policy's replies (PAR)."""
         return any(isinstance(fn, PARShaping) for fn in self.fns)
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 fields: dict[str, list] | None = None, tokens=None,
-                 reference=None) -> Rewards:
+    def __call__(self, prompts: list, completions: list, fields: dict[str, list] | None = None,
+                 tokens=None, reference=None) -> Rewards:
         fields = fields or {}
         for key, column in fields.items():
             if len(column) != len(prompts):
                 raise RewardFunctionError(f"field {key!r} has {len(column)} values for "
                                           f"{len(prompts)} prompts")
+        ids = None
+        if tokens is not None:  # each completion's sampled ids, for `completion_ids`
+            tokens_bkc, mask_bkc = np.asarray(tokens[1]), np.asarray(tokens[2])
+            ids = [row[keep > 0].tolist() for row, keep in
+                   zip(tokens_bkc.reshape(-1, tokens_bkc.shape[-1]),
+                       mask_bkc.reshape(-1, mask_bkc.shape[-1]))]
         columns = [self._score(name, fn, tokens, reference) if on_tokens
-                   else self._call(name, fn, prompts, completions, fields)
+                   else self._call(name, fn, prompts, completions, fields, ids)
                    for name, fn, on_tokens in zip(self.names, self.fns, self.on_tokens)]
         columns_nm = np.stack(columns, axis=1) if columns else np.zeros((len(prompts), 0))
         weighted_nm = columns_nm * np.asarray(self.weights)[None]
@@ -287,10 +308,12 @@ class RewardFunctions:
         return scores_bk.reshape(-1)
 
     @staticmethod
-    def _call(name, fn, prompts, completions, fields) -> np.ndarray:
+    def _call(name, fn, prompts, completions, fields, completion_ids=None) -> np.ndarray:
         """One function's column; a failure names the function and the first failing prompt."""
+        if completion_ids is not None and _takes(fn, "completion_ids"):
+            fields = {**fields, "completion_ids": completion_ids}
         try:
-            values = fn(prompts, completions, **fields)
+            values = _invoke(fn, prompts, completions, fields)
         except Exception as err:  # noqa: BLE001 -- find the sample, then report it
             index = _first_failing(fn, prompts, completions, fields)
             where = f"prompt {index}" if index is not None else "the batch"
@@ -316,12 +339,34 @@ class RewardFunctions:
         return out
 
 
+def _takes(fn, name: str, by_name_only: bool = False) -> bool:
+    """Whether `fn` accepts a keyword argument `name`: a parameter of that name, or (unless
+    `by_name_only`) `**kwargs`."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any((p.name == name and p.kind is not p.POSITIONAL_ONLY)
+               or (p.kind is p.VAR_KEYWORD and not by_name_only) for p in params)
+
+
+TRL_NAMES = ("prompts", "completions", "completion_ids")
+
+
+def _invoke(fn, prompts, completions, fields):
+    """`fn` on a batch: by keyword when it names one of TRL's parameters (`TRL_NAMES`, e.g.
+    `def f(completions, **kwargs)`), else `prompts` and `completions` by position."""
+    if any(_takes(fn, name, by_name_only=True) for name in TRL_NAMES):
+        return fn(prompts=prompts, completions=completions, **fields)
+    return fn(prompts, completions, **fields)
+
+
 def _first_failing(fn, prompts, completions, fields) -> int | None:
     """The first sample the function fails on when called alone."""
     for i in range(len(prompts)):
         try:
-            fn(prompts[i:i + 1], completions[i:i + 1],
-               **{k: v[i:i + 1] for k, v in fields.items()})
+            _invoke(fn, prompts[i:i + 1], completions[i:i + 1],
+                    {k: v[i:i + 1] for k, v in fields.items()})
         except Exception:  # noqa: BLE001
             return i
     return None

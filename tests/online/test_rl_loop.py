@@ -263,6 +263,50 @@ def test_a_failing_reward_function_names_itself_and_the_prompt(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_conversational_prompts_reach_reward_functions_in_trls_form(tmp_path):
+    """A conversational prompt reaches reward functions as its messages and each completion as
+    one assistant message (TRL's convention); a text prompt's as text, row by row."""
+    seen = []
+
+    def trl_style(prompts, completions, **_):
+        seen.append((prompts, completions))
+        return [float(len((c if isinstance(c, str) else c[0]["content"]).split()) % 2)
+                for c in completions]
+
+    messages = [[{"role": "user", "content": f"question {i}"}] for i in range(3)] + [None]
+
+    class Chat(rl.RolloutTask):
+        def first_loader(self, model, vocab_size):
+            self.prompts = rl.Prompts([[1 + i, 2, 3] for i in range(4)],
+                                      [f"text {i}" for i in range(4)], {}, messages)
+            return super().first_loader(model, vocab_size)
+
+    config = rl.RLConfig(prompts_per_iteration=4, group_size=4, max_new_tokens=8,
+                         rewards=(trl_style,))
+    Chat(TINY, loop.DataSpec(layout="prefix"), build.AlgoConfig(loss="grpo"),
+         optim.OptimConfig(warmup_steps=0), loop.LoopConfig(output_dir=str(tmp_path), seed=3),
+         rl=config)
+    prompts, completions = seen[0]
+    assert len(prompts) == len(completions) == 16
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(prompt, str):  # the text prompt: text in, text out
+            assert prompt == "text 3" and isinstance(completion, str)
+        else:
+            assert prompt in messages[:3]
+            assert isinstance(completion, list) and len(completion) == 1
+            assert completion[0]["role"] == "assistant"
+            assert isinstance(completion[0]["content"], str) and completion[0]["content"]
+    assert sum(isinstance(p, str) for p in prompts) == 4
+
+
+def test_reward_inputs_follow_each_prompts_form():
+    prompts, completions = rl.reward_inputs(["a", "b"], [None, [{"role": "user", "content": "b"}]],
+                                            ["x", "y", "z", "w"])
+    assert prompts == ["a", [{"role": "user", "content": "b"}]]
+    assert completions == ["x", "y", [{"role": "assistant", "content": "z"}],
+                           [{"role": "assistant", "content": "w"}]]
+
+
 def test_token_scorers_join_reward_functions():
     """`scorer:mean_token` scores the sampled ids; its column sits beside the text rewards."""
     rewards = RewardFunctions([EVEN, "scorer:mean_token"], [1.0, 0.5])

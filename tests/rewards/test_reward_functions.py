@@ -60,6 +60,46 @@ def test_format_and_length_builtins():
     np.testing.assert_allclose(got.columns_nm, [[1.0, 1.0, 0.0], [0.0, 0.0, -0.35]])
 
 
+def test_builtins_read_trls_conversational_completions_as_their_text():
+    """A conversational prompt's completions come as `[{"role": "assistant", "content": ...}]`
+    (TRL's form); every built-in scores them as it scores the text."""
+    specs = ["math_answer", "exact_match", "sentiment", "think_format",
+             ("regex", {"pattern": r"\d+$"}), ("share", {"pattern": "[0-9]+"}),
+             ("length_penalty", {"max_chars": 12})]
+    texts = ["<think>sum</think> \\boxed{12}", "12", "What a lovely, happy day 12",
+             "I hate this 7", ""]
+    chat = [[{"role": "assistant", "content": t}] for t in texts]
+    fields = {"answer": ["12", "12", "3", "7", "1"]}
+    rf = RewardFunctions(specs)
+    as_text = rf(["q"] * 5, texts, fields).columns_nm
+    as_chat = rf([[{"role": "user", "content": "q"}]] * 5, chat, fields).columns_nm
+    np.testing.assert_array_equal(as_chat, as_text)
+    assert as_text[:, 0].tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]  # math_answer read the text
+    assert as_text[2, 2] > 0.5 and as_text[3, 2] < -0.3  # sentiment too
+
+
+def test_trls_reward_functions_run_unchanged():
+    """TRL calls reward functions by keyword and passes the completions' token ids:
+    `def f(completions, **kwargs)` (TRL's own example) and `def f(completion_ids, **kwargs)`
+    run as written; a function with other parameter names still gets them by position."""
+    got = {}
+
+    def reward_len(completions, **kwargs):
+        got.update(kwargs)
+        return [-abs(5 - len(c)) for c in completions]
+
+    def by_ids(completion_ids, **kwargs):
+        return [float(len(ids)) for ids in completion_ids]
+
+    tokens_bkc = np.array([[[5, 6, 0], [7, 0, 0]]])
+    mask_bkc = np.array([[[1, 1, 0], [1, 0, 0]]])
+    rf = RewardFunctions([reward_len, by_ids, lambda p, c, **_: [len(p[0])] * 2])
+    out = rf(["pq", "pq"], ["abc", "abcdefg"], {"answer": ["1", "2"]},
+             tokens=([[1]], tokens_bkc, mask_bkc))
+    np.testing.assert_allclose(out.columns_nm, [[-2, 2, 2], [-2, 1, 2]])
+    assert got == {"prompts": ["pq", "pq"], "answer": ["1", "2"], "completion_ids": [[5, 6], [7]]}
+
+
 def test_failures_name_the_function_and_the_prompt(user_module):
     with pytest.raises(RewardFunctionError, match=r"reward function my_rewards:fragile failed "
                                                   r"on prompt 2: ZeroDivisionError"):
