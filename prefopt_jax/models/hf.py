@@ -550,6 +550,43 @@ def from_pretrained(source: str | Path, dtype=jnp.float32, load_tokenizer: bool 
     return model, tokenizer
 
 
+def is_sequence_classifier(directory: str | Path) -> bool:
+    """Whether a HF directory holds a `*ForSequenceClassification` model (its config.json)."""
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        return False
+    return any(str(a).endswith("ForSequenceClassification")
+               for a in _read_json(config).get("architectures") or [])
+
+
+def from_pretrained_classifier(source: str | Path, dtype=jnp.float32,
+                               load_tokenizer: bool = True) -> tuple[Transformer, np.ndarray,
+                                                                     np.ndarray | None, Any]:
+    """``(trunk, score_weight [labels, D], score_bias [labels] or None, tokenizer)`` of a HF
+    ``*ForSequenceClassification`` directory, such as the reward models TRL's RewardTrainer
+    writes: the trunk reads the ``model.*`` tensors (it has no vocabulary head of its own: a
+    classifier's scores are ``score`` applied to the final normed hidden state of a sequence's
+    last token), the head is ``score``."""
+    path = resolve_source(source)
+    if not is_sequence_classifier(path):
+        raise CheckpointError(f"{path}: not a *ForSequenceClassification model (config.json "
+                              "'architectures')")
+    kwargs = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
+    # No lm_head tensor is expected: the trunk projects with its (unused) embedding instead.
+    config = _make_config(kwargs, dtype, {"tie_word_embeddings": True})
+    tensors, origin = _read_safetensors(path)
+    if "score.weight" not in tensors:
+        raise CheckpointError(f"missing tensor 'score.weight' in {path} (the classifier's head)")
+    weight, bias = tensors.pop("score.weight"), tensors.pop("score.bias", None)
+    if weight.ndim != 2 or weight.shape[1] != config.hidden_size:
+        raise CheckpointError(f"tensor 'score.weight' in {origin['score.weight']} has shape "
+                              f"{tuple(weight.shape)}, expected (labels, {config.hidden_size})")
+    params = _params_from_hf(tensors, origin, config, ", ".join(sorted(set(origin.values()))))
+    tokenizer = tokenizer_lib.load_tokenizer(path) if load_tokenizer else None
+    return model_from_params(config, params), np.asarray(weight, np.float32), (
+        None if bias is None else np.asarray(bias, np.float32)), tokenizer
+
+
 def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None,
                     extra_files: Mapping[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (and the tokenizer, if given) in HF format.

@@ -104,12 +104,28 @@ def save(rm: RewardModel, directory: str, tokenizer=None) -> str:
 
 
 def load(directory: str, dtype=jnp.float32) -> tuple[RewardModel, Any]:
-    """(reward model, tokenizer) written by `save`."""
-    from prefopt_jax.models import from_pretrained
+    """(reward model, tokenizer) written by `save`, or of a Hugging Face reward model: a
+    `*ForSequenceClassification` model with one label (TRL's RewardTrainer writes one), from
+    a directory or a hub id, whose `score` becomes the head."""
+    from prefopt_jax.models import from_pretrained, hf
 
-    trunk, tokenizer = from_pretrained(os.path.join(directory, "trunk"), dtype=dtype)
+    if os.path.exists(os.path.join(directory, "head.npz")):
+        trunk, tokenizer = from_pretrained(os.path.join(directory, "trunk"), dtype=dtype)
+        rm = new_reward_model(trunk)
+        with np.load(os.path.join(directory, "head.npz")) as z:
+            rm.head.out.kernel.set_value(jnp.asarray(z["kernel"]))
+            rm.head.out.bias.set_value(jnp.asarray(z["bias"]))
+        return rm, tokenizer
+    path = hf.resolve_source(directory)
+    if not hf.is_sequence_classifier(path):
+        raise hf.CheckpointError(f"{directory}: not a reward model (neither the head.npz of a "
+                                 "prefopt reward model nor a *ForSequenceClassification "
+                                 "config.json)")
+    trunk, weight, bias, tokenizer = hf.from_pretrained_classifier(path, dtype)
+    if weight.shape[0] != 1:
+        raise hf.CheckpointError(f"{path}: a classifier of {weight.shape[0]} labels; a reward "
+                                 "model gives one score (num_labels 1)")
     rm = new_reward_model(trunk)
-    with np.load(os.path.join(directory, "head.npz")) as z:
-        rm.head.out.kernel.set_value(jnp.asarray(z["kernel"]))
-        rm.head.out.bias.set_value(jnp.asarray(z["bias"]))
+    rm.head.out.kernel.set_value(jnp.asarray(weight.T))
+    rm.head.out.bias.set_value(jnp.zeros(1, jnp.float32) if bias is None else jnp.asarray(bias))
     return rm, tokenizer

@@ -71,7 +71,8 @@ def from_spec(spec: str, tokenizer=None, aggregate: str = "mean", lam: float = 0
 
     `sentiment` (VADER on the decoded reply), `length` (reply tokens), `mean_token` (mean
     token id: tiny smoke runs),
-    `rm:DIR` (a reward model written by `rewards.reward_model.save`),
+    `rm:DIR` (a reward model written by `rewards.reward_model.save`, or a Hugging Face
+    `*ForSequenceClassification` reward model with one label, e.g. from TRL's RewardTrainer),
     `ensemble:DIR1,DIR2,...` (reward models aggregated by `aggregate`) or
     `implicit:DIR` / `implicit:DIR@BETA` (a DPO policy's implicit reward
     `beta sum_t log pi/pi_ref`, beta 0.1 by default, against the base model its export names in

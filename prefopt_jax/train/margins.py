@@ -2,7 +2,8 @@
 models, computed once over the training data, cached on disk, and added to each batch.
 
 Sources, named in `AlgoConfig.margins`:
-  rm:DIR            a reward model that `prefopt train` saved (`rewards.reward_model.save`);
+  rm:DIR            a reward model that `prefopt train` saved (`rewards.reward_model.save`),
+                    or a Hugging Face `*ForSequenceClassification` one (`reward_model.load`);
   implicit:teacher  the implicit reward `b (L_teacher(y) - L_ref(y))` of `AlgoConfig.teacher`
                     against its reference (`TeacherConfig.reference`, or the run's reference
                     model); the per-token log-probs come from the reference cache
