@@ -29,7 +29,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -559,19 +559,29 @@ def is_sequence_classifier(directory: str | Path) -> bool:
                for a in _read_json(config).get("architectures") or [])
 
 
+class Classifier(NamedTuple):
+    """A HF sequence classifier: its trunk, `score` head (`weight` [labels, D], `bias` [labels]
+    or None), `pad_id` (config.json's `pad_token_id`, or None) and tokenizer (or None)."""
+
+    trunk: Transformer
+    weight: np.ndarray
+    bias: np.ndarray | None
+    pad_id: int | None
+    tokenizer: Any
+
+
 def from_pretrained_classifier(source: str | Path, dtype=jnp.float32,
-                               load_tokenizer: bool = True) -> tuple[Transformer, np.ndarray,
-                                                                     np.ndarray | None, Any]:
-    """``(trunk, score_weight [labels, D], score_bias [labels] or None, tokenizer)`` of a HF
-    ``*ForSequenceClassification`` directory, such as the reward models TRL's RewardTrainer
-    writes: the trunk reads the ``model.*`` tensors (it has no vocabulary head of its own: a
-    classifier's scores are ``score`` applied to the final normed hidden state of a sequence's
-    last token), the head is ``score``."""
+                               load_tokenizer: bool = True) -> Classifier:
+    """A HF ``*ForSequenceClassification`` directory, such as the reward models TRL's
+    RewardTrainer writes: the trunk reads the ``model.*`` tensors (it has no vocabulary head of
+    its own: a classifier's scores are ``score`` applied to the final normed hidden state of a
+    sequence's last token that is not the pad id), the head is ``score``."""
     path = resolve_source(source)
     if not is_sequence_classifier(path):
         raise CheckpointError(f"{path}: not a *ForSequenceClassification model (config.json "
                               "'architectures')")
-    kwargs = config_from_hf(_read_json(path / "config.json"), str(path / "config.json"))
+    hf = _read_json(path / "config.json")
+    kwargs = config_from_hf(hf, str(path / "config.json"))
     # No lm_head tensor is expected: the trunk projects with its (unused) embedding instead.
     config = _make_config(kwargs, dtype, {"tie_word_embeddings": True})
     tensors, origin = _read_safetensors(path)
@@ -582,9 +592,11 @@ def from_pretrained_classifier(source: str | Path, dtype=jnp.float32,
         raise CheckpointError(f"tensor 'score.weight' in {origin['score.weight']} has shape "
                               f"{tuple(weight.shape)}, expected (labels, {config.hidden_size})")
     params = _params_from_hf(tensors, origin, config, ", ".join(sorted(set(origin.values()))))
-    tokenizer = tokenizer_lib.load_tokenizer(path) if load_tokenizer else None
-    return model_from_params(config, params), np.asarray(weight, np.float32), (
-        None if bias is None else np.asarray(bias, np.float32)), tokenizer
+    pad_id = hf.get("pad_token_id")
+    return Classifier(model_from_params(config, params), np.asarray(weight, np.float32),
+                      None if bias is None else np.asarray(bias, np.float32),
+                      None if pad_id is None else int(pad_id),
+                      tokenizer_lib.load_tokenizer(path) if load_tokenizer else None)
 
 
 def save_pretrained(model: Transformer, directory: str | Path, tokenizer: Any = None,

@@ -22,7 +22,7 @@ from prefopt_jax.sampling.scorers import Candidates
 
 def reward_model_scorer(rm) -> scorers.RewardModelScorer:
     """A `rewards.reward_model.RewardModel` as a scorer (its trunk and head)."""
-    return scorers.RewardModelScorer(rm.trunk, rm.head)
+    return scorers.RewardModelScorer(rm.trunk, rm.head, rm.skip_id)
 
 
 def ensemble(members: Sequence, aggregate: str = "mean", lam: float = 0.5

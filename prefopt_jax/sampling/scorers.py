@@ -62,7 +62,8 @@ def forward_inputs(candidates: Candidates, pad_id: int = 0):
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_completion"))
 def _hidden_and_logps(graphdef, params, tokens_qs, positions_qs, segment_ids_qs, *,
                       num_completion):
-    """Hidden states of the completion tokens `[Q, C, D]` and their log-probs `[Q, C]`."""
+    """Hidden states of the prompt's last token and the completion tokens `[Q, 1 + C, D]`, and
+    the completion tokens' log-probs `[Q, C]`."""
     model = nnx.merge(graphdef, params)
     hidden_qsd = model(tokens_qs, positions_qs, segment_ids_qs, return_hidden=True)
     q, s = tokens_qs.shape
@@ -71,17 +72,21 @@ def _hidden_and_logps(graphdef, params, tokens_qs, positions_qs, segment_ids_qs,
     source_qc = jnp.arange(q)[:, None] * s + start - 1 + jnp.arange(num_completion)
     logps_qc = gathered_logps(float32_projection(model), hidden_qsd, source_qc,
                               tokens_qs[:, start:])
-    return hidden_qsd[:, start:], logps_qc
+    return hidden_qsd[:, start - 1:], logps_qc
 
 
-def completion_forward(model, candidates: Candidates, pad_id: int = 0):
-    """One forward over all candidates: `(hidden_bncd, logps_bnc)`, logps 0 past the mask."""
+def completion_forward(model, candidates: Candidates, pad_id: int = 0,
+                       with_prompt_state: bool = False):
+    """One forward over all candidates: `(hidden_bncd, logps_bnc)`, logps 0 past the mask;
+    `with_prompt_state`: the hidden states are `[B, N, 1 + C, D]`, the prompt's last first."""
     b, n, c = np.shape(candidates.tokens_bnc)
     graphdef, params = nnx.split(model)
     hidden_qcd, logps_qc = _hidden_and_logps(graphdef, params, *forward_inputs(candidates, pad_id),
                                              num_completion=c)
+    hidden_qcd = hidden_qcd if with_prompt_state else hidden_qcd[:, 1:]
     mask_bnc = np.asarray(candidates.mask_bnc, np.float32)
-    return hidden_qcd.reshape(b, n, c, -1), np.asarray(logps_qc).reshape(b, n, c) * mask_bnc
+    return (hidden_qcd.reshape(b, n, hidden_qcd.shape[1], -1),
+            np.asarray(logps_qc).reshape(b, n, c) * mask_bnc)
 
 
 def completion_logps(model, candidates: Candidates, pad_id: int = 0) -> np.ndarray:
@@ -90,16 +95,23 @@ def completion_logps(model, candidates: Candidates, pad_id: int = 0) -> np.ndarr
 
 
 class RewardModelScorer:
-    """An explicit reward model: a Transformer's hidden states read by a `RewardHead`."""
+    """An explicit reward model: a Transformer's hidden states read by a `RewardHead` at each
+    reply's last token, or (`skip_id`, a HF classifier's pad id) at its last token other than
+    `skip_id`, and at the prompt's last token when there is none (`RewardModel.skip_id`)."""
 
-    def __init__(self, model, head):
-        self.model, self.head = model, head
+    def __init__(self, model, head, skip_id: int | None = None):
+        self.model, self.head, self.skip_id = model, head, skip_id
 
     def __call__(self, candidates: Candidates) -> np.ndarray:
-        hidden_bncd, _ = completion_forward(self.model, candidates)
-        b, n, c, d = hidden_bncd.shape
-        mask_qc = jnp.asarray(candidates.mask_bnc).reshape(b * n, c)
-        scores_q = self.head(hidden_bncd.reshape(b * n, c, d), mask_bt=mask_qc)
+        skips = self.skip_id is not None
+        hidden_bnsd, _ = completion_forward(self.model, candidates, with_prompt_state=skips)
+        b, n, c = np.shape(candidates.tokens_bnc)
+        read_qc = np.asarray(candidates.mask_bnc).reshape(b * n, c) > 0
+        if skips:  # column 0, the prompt's last token, is read when no reply token is
+            read_qc &= np.asarray(candidates.tokens_bnc).reshape(b * n, c) != self.skip_id
+            read_qc = np.concatenate([~read_qc.any(axis=1, keepdims=True), read_qc], axis=1)
+        scores_q = self.head(hidden_bnsd.reshape(b * n, read_qc.shape[1], -1),
+                             mask_bt=jnp.asarray(read_qc))
         return np.asarray(scores_q).reshape(b, n)
 
 

@@ -1,19 +1,27 @@
 """Hugging Face reward models (`*ForSequenceClassification`, what TRL's RewardTrainer writes)
-as prefopt reward models: the scores of transformers (PyTorch, CPU) on the same token ids."""
+as prefopt reward models: the scores of transformers (PyTorch, CPU) on the same token ids, read
+where transformers reads them (the last token that is not the pad id)."""
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from prefopt_jax import data as data_lib
+from prefopt_jax.data.tokenized import from_lists
 from prefopt_jax.errors import ConfigError
 from prefopt_jax.models.hf import CheckpointError
 from prefopt_jax.rewards import reward_model
 from prefopt_jax.rewards.functions import RewardFunctions
 
+PAD = 3  # also the replies' closing token, as when a tokenizer's pad is its end of turn
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=0)
+            pad_token_id=PAD)
+PROMPTS = [[5, 6, 7], [9, 10]]
+# Replies ending with the pad id (read at the token before it), one without it, one that is
+# nothing but the pad id (read at the prompt's last token), one of a single ordinary token.
+REPLIES = [[[11, 12, 13, PAD], [14, 15]], [[PAD], [20]]]
 
 
 def classifier(directory, num_labels=1, seed=0):
@@ -26,20 +34,38 @@ def classifier(directory, num_labels=1, seed=0):
     return model
 
 
-def test_a_sequence_classifier_scores_sampled_replies_as_transformers_does(tmp_path):
-    theirs = classifier(tmp_path / "rm")
-    prompts = [[5, 6, 7], [9, 10]]
-    tokens_bkc = np.array([[[11, 12, 13, 3], [14, 15, 0, 0]], [[16, 17, 18, 19], [20, 0, 0, 0]]])
-    mask_bkc = (tokens_bkc > 0).astype(np.int32)
-    rewards = RewardFunctions([f"scorer:rm:{tmp_path / 'rm'}"])
-    got = rewards([""] * 4, [""] * 4, tokens=(prompts, tokens_bkc, mask_bkc)).total_n
+def transformers_scores(model) -> np.ndarray:
     with torch.no_grad():
-        want = [theirs(torch.tensor([prompt + [int(t) for t in row if t]])).logits[0, 0].item()
-                for prompt, rows in zip(prompts, tokens_bkc) for row in rows]
+        return np.array([[model(torch.tensor([prompt + reply])).logits[0, 0].item()
+                          for reply in replies] for prompt, replies in zip(PROMPTS, REPLIES)])
+
+
+def test_sampled_replies_score_as_transformers_scores_them(tmp_path):
+    want = transformers_scores(classifier(tmp_path / "rm"))
     assert np.ptp(want) > 0.1
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    tokens_bkc = np.zeros((2, 2, 4), np.int32)
+    mask_bkc = np.zeros((2, 2, 4), np.int32)
+    for b, replies in enumerate(REPLIES):
+        for k, reply in enumerate(replies):
+            tokens_bkc[b, k, :len(reply)], mask_bkc[b, k, :len(reply)] = reply, 1
+    rewards = RewardFunctions([f"scorer:rm:{tmp_path / 'rm'}"])
+    got = rewards([""] * 4, [""] * 4, tokens=(PROMPTS, tokens_bkc, mask_bkc)).total_n
+    np.testing.assert_allclose(got, want.reshape(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "prefix"])
+def test_batches_of_every_layout_score_as_transformers_does(kind, tmp_path):
+    want = transformers_scores(classifier(tmp_path / "rm"))
     rm, tokenizer = reward_model.load(str(tmp_path / "rm"))
-    assert tokenizer is None and rm.trunk.config.num_layers == 2
+    assert tokenizer is None and rm.skip_id == PAD
+    data = from_lists("paired", 2, PROMPTS, [r for replies in REPLIES for r in replies],
+                      np.arange(2), {})
+    got = reward_model.score_examples(rm, data, 2, data_lib.LayoutConfig(kind=kind))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    if kind == "padded":  # saved in prefopt's own format, it keeps where it is read
+        again, _ = reward_model.load(reward_model.save(rm, str(tmp_path / "ours")))
+        assert again.skip_id == PAD
+        np.testing.assert_array_equal(reward_model.score_examples(again, data, 2), got)
 
 
 def test_what_is_no_reward_model_is_named(tmp_path):
