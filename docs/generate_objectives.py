@@ -61,7 +61,7 @@ def objective_section(name: str) -> list[str]:
                    "`configs/experiments/diffusion_tiny.gin`)")
     return [f"### `{name}`", "", doc, "",
             f"- inputs: `{info.inputs}`, {losses.INPUTS[info.inputs]}",
-            f"- reference: {'required' if info.reference else 'not used'}",
+            f"- reference: {reference_text(info)}",
             f"- batch coupling: {info.coupling}",
             f"- needs: {needs}",
             f"- hyper-parameters: {defaults(fn) or 'none'}",
@@ -69,12 +69,27 @@ def objective_section(name: str) -> list[str]:
             f"- config: `configs/algos/{name}.gin`; trained by {trained}", ""]
 
 
+def reference_text(info) -> str:
+    if not info.reference:
+        return "not used"
+    if info.reference_off:
+        return (f"required, unless `{info.reference_off}` is 0: then it is not read, and "
+                "ReferenceConfig.kind 'auto' builds none")
+    return "required"
+
+
+def reference_cell(info) -> str:
+    if not info.reference:
+        return "no"
+    return f"yes (no at `{info.reference_off}` 0)" if info.reference_off else "yes"
+
+
 def table() -> list[str]:
     rows = ["| name | inputs | reference | needs |", "|---|---|---|---|"]
     for name in losses.names():
         info = losses.info(name)
         rows.append(f"| [`{name}`](#{name}) | {info.inputs} | "
-                    f"{'yes' if info.reference else 'no'} | {', '.join(info.needs) or '-'} |")
+                    f"{reference_cell(info)} | {', '.join(info.needs) or '-'} |")
     return rows + [""]
 
 

@@ -7,6 +7,8 @@ Names are the registry names of docs/objectives.md (generated from this registry
 A declaration says
   inputs     the inputs type the objective reads (`INPUTS`);
   reference  whether reference log-probs enter its formula;
+  reference_off  the hyper-parameter (a KL coefficient) at whose value 0 they do not: the
+             objective then runs without a reference (no reference model, no reference pass);
   coupling   "none", "batch" (a statistic over the batch: BCO's running mean) or "sort" (a sort
              over the whole batch: AOT), which gradient accumulation cannot split; needs such as
              mismatched completions (KTO's z0) couple the batch by themselves;
@@ -95,6 +97,8 @@ class LossInfo:
       name: the registry name.
       inputs: the inputs type it reads (a key of `INPUTS`).
       reference: whether reference log-probs enter the formula.
+      reference_off: the hyper-parameter (a KL coefficient) at whose value 0 they do not
+        (`objective.single` then declares no reference).
       coupling: "none", "batch" or "sort" (see the module docstring).
       needs: names from `NEEDS` the engine must supply.
       waived_by: (need, hyper-parameter) pairs: the need is dropped when that is set (not None).
@@ -111,6 +115,7 @@ class LossInfo:
     waived_by: tuple[tuple[str, str], ...] = ()
     paper: str = ""
     token_terms: Callable | None = None
+    reference_off: str | None = None
 
     def effective_coupling(self, hyper=()) -> str:
         """The declared coupling, raised by needs that couple the batch (while not waived)."""
@@ -127,7 +132,8 @@ class LossInfo:
 
 def register(name: str, *, inputs: str, reference: bool, coupling: str = "none",
              needs: tuple[str, ...] = (), waived_by: dict | None = None, paper: str = "",
-             token_terms: Callable | None = None) -> Callable[[Callable], Callable]:
+             token_terms: Callable | None = None,
+             reference_off: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator registering `fn` under `name` with its declaration (see the module docstring).
 
     Registering a name twice, or declaring an unknown inputs type, coupling or need, is an error.
@@ -139,12 +145,16 @@ def register(name: str, *, inputs: str, reference: bool, coupling: str = "none",
     unknown = sorted(set(needs) - set(NEEDS) | set(waived_by or {}) - set(needs))
     if unknown:
         raise ValueError(f"{name}: unknown or undeclared needs {unknown}; known: {sorted(NEEDS)}")
+    if reference_off is not None and not reference:
+        raise ValueError(f"{name}: reference_off {reference_off!r} without a reference")
     info = LossInfo(name, inputs, reference, coupling, tuple(needs),
-                    tuple(sorted((waived_by or {}).items())), paper, token_terms)
+                    tuple(sorted((waived_by or {}).items())), paper, token_terms, reference_off)
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name]!r})")
+        if reference_off is not None and reference_off not in hyper_defaults(fn):
+            raise ValueError(f"{name}: reference_off {reference_off!r} is no hyper-parameter")
         _REGISTRY[name], _INFO[name] = fn, info
         return fn
 

@@ -193,8 +193,8 @@ def _ppo_loss(inputs: RolloutInputs, token_rewards_nc: Array, *, gamma: float, l
     return rl_output(loss_n, jnp.sum(tok_nc), inputs, extra)
 
 
-@register("ppo", inputs="rollout", reference=True, coupling="batch",
-          needs=("rollouts", "critic"),
+@register("ppo", inputs="rollout", reference=True, reference_off="kl_coef",
+          coupling="batch", needs=("rollouts", "critic"),
           paper=("Proximal Policy Optimization Algorithms; Training language models to follow "
                  "instructions with human feedback"))
 def ppo(inputs: RolloutInputs, state: Any = None, *, kl_coef: float = 0.05,
@@ -301,7 +301,8 @@ def _kl_split(inputs: RolloutInputs, beta: float, kl_estimator: str, kl_in: str)
     raise ValueError(f"kl_in must be 'loss' or 'reward', not {kl_in!r}")
 
 
-@register("grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("grpo", inputs="rollout", reference=True, reference_off="beta",
+          coupling="batch", needs=("rollouts",),
           paper=("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language "
                  "Models (GRPO)"))
 def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
@@ -322,7 +323,8 @@ def grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: flo
                               entropy_coef=entropy_coef)
 
 
-@register("dr_grpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("dr_grpo", inputs="rollout", reference=True, reference_off="beta",
+          coupling="batch", needs=("rollouts",),
           paper="Understanding R1-Zero-Like Training: A Critical Perspective (Dr. GRPO)")
 def dr_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
             epsilon: float = 0.2, kl_estimator: str = "k3", kl_in: str = "loss",
@@ -351,7 +353,8 @@ def dapo(inputs: RolloutInputs, state: Any = None, *, group_size: int, epsilon: 
                               reduction="token", entropy_coef=entropy_coef)
 
 
-@register("ngrpo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("ngrpo", inputs="rollout", reference=True, reference_off="beta",
+          coupling="batch", needs=("rollouts",),
           paper="NGRPO: Negative-enhanced Group Relative Policy Optimization")
 def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_reward: float = 1.0,
           beta: float = 0.04, eps_high: float = 0.24, eps_low: float = 0.16,
@@ -367,8 +370,8 @@ def ngrpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, max_rewa
                               entropy_coef=entropy_coef)
 
 
-@register("pref_grpo", inputs="rollout", reference=True, coupling="batch",
-          needs=("rollouts", "group_preferences"),
+@register("pref_grpo", inputs="rollout", reference=True, reference_off="beta",
+          coupling="batch", needs=("rollouts", "group_preferences"),
           paper="Pref-GRPO: Pairwise Preference Reward-based GRPO")
 def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta: float = 0.04,
               epsilon: float = 0.2, std_eps: float = 1e-4, kl_estimator: str = "k3",
@@ -390,7 +393,8 @@ def pref_grpo(inputs: RolloutInputs, state: Any = None, *, group_size: int, beta
                 kl_estimator=kl_estimator, kl_in=kl_in, entropy_coef=entropy_coef)
 
 
-@register("rloo", inputs="rollout", reference=True, coupling="batch", needs=("rollouts",),
+@register("rloo", inputs="rollout", reference=True, reference_off="beta",
+          coupling="batch", needs=("rollouts",),
           paper=("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human"
                  " Feedback in LLMs (RLOO)"))
 def rloo(inputs: RolloutInputs, state: Any = None, *, group_size: int,

@@ -115,3 +115,16 @@ def test_a_setting_is_the_value_the_loss_sees():
     assert wrapped.setting("beta") == 0.3 and wrapped.setting("label_smoothing") == 0.0
     mixed = losses.compose(mix=[("dapo", 1.0, {"group_size": 4, "entropy_coef": 0.1})])
     assert mixed.setting("entropy_coef", absent=0.0) is None
+
+
+def test_a_kl_coefficient_of_0_declares_no_reference():
+    """`reference_off`: the rollout objectives whose KL coefficient is 0 read no reference."""
+    for name, key in (("grpo", "beta"), ("dr_grpo", "beta"), ("ngrpo", "beta"),
+                      ("pref_grpo", "beta"), ("rloo", "beta"), ("ppo", "kl_coef")):
+        group = {} if name == "ppo" else {"group_size": 4}
+        assert losses.info(name).reference_off == key
+        assert losses.compose(name, group).info.reference
+        assert not losses.compose(name, {**group, key: 0.0}).info.reference
+        assert losses.compose(name, {**group, key: 0.01}).info.reference
+    assert losses.compose("rto").info.reference  # its token rewards read the reference
+    assert not losses.compose("dapo", {"group_size": 4}).info.reference

@@ -21,6 +21,7 @@ from prefopt_jax.online import rl
 from prefopt_jax.rewards.functions import RewardFunctionError, RewardFunctions
 from prefopt_jax.train import build, driver, loop, optim
 from prefopt_jax.train import step as step_lib
+from prefopt_jax.train.reference import ReferenceConfig
 from prefopt_jax.train.state import policy_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,11 +48,12 @@ def run_cli(out, *bindings):
 
 
 def task(tmp_path, loss="grpo", layout="prefix", micro=1, row_length=None, hyper=(),
-         optimiser=optim.OptimConfig(warmup_steps=0), **rl_kw):
+         optimiser=optim.OptimConfig(warmup_steps=0), reference=ReferenceConfig(), **rl_kw):
     config = rl.RLConfig(**{"prompts_per_iteration": 4, "group_size": 4, "max_new_tokens": 8,
                             "rewards": (EVEN,), **rl_kw})
     data_spec = loop.DataSpec(layout=layout, micro_batches=micro, row_length=row_length)
-    return rl.RolloutTask(TINY, data_spec, build.AlgoConfig(loss=loss, hyper=hyper), optimiser,
+    algo = build.AlgoConfig(loss=loss, hyper=hyper, reference=reference)
+    return rl.RolloutTask(TINY, data_spec, algo, optimiser,
                           loop.LoopConfig(output_dir=str(tmp_path), seed=3), rl=config)
 
 
@@ -210,6 +212,26 @@ def test_an_entropy_bonus_adds_the_gradient_of_the_entropy(tmp_path):
     for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(grad)):
         np.testing.assert_allclose(got, coef * want, atol=5e-4 * coef * scale)
     assert scale > 0
+
+
+def test_a_kl_coefficient_of_0_builds_no_reference(tmp_path):
+    """GRPO at beta 0 (TRL's default) reads no reference: the 'auto' reference is none, so no
+    reference model is kept and no reference pass runs, and a step equals the step of a run
+    that keeps a frozen reference at beta 0. At beta 0.04 'auto' keeps one."""
+    none = task(tmp_path / "a", hyper={"beta": 0.0})
+    frozen = task(tmp_path / "b", hyper={"beta": 0.0}, reference=ReferenceConfig(kind="frozen"))
+    assert none.setup.reference.kind == "none" and not none.setup.reference.has_params
+    assert frozen.setup.reference.kind == "frozen" and frozen.setup.reference.has_params
+    assert task(tmp_path / "c").setup.reference.kind == "frozen"
+    np.testing.assert_array_equal(none.rollouts.old_logps_nkc, frozen.rollouts.old_logps_nkc)
+    one, _ = none.step(1)
+    two, _ = frozen.step(1)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(one[key], two[key], rtol=1e-5, atol=1e-8)
+    assert one["grad_norm"] > 0
+    for a, b in zip(jax.tree.leaves(policy_params(none.setup, none.state)),
+                    jax.tree.leaves(policy_params(frozen.setup, frozen.state))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_dynamic_sampling_drops_groups_whose_rewards_agree(tmp_path):
