@@ -6,8 +6,8 @@
 
 One iteration: every prompt sampled `--group-size` times (at most `--max-new-tokens`, stopping at
 EOS), the samples scored by the same TRL-convention reward function on both sides (the share of
-digits in the reply), then one optimiser step of GRPO (beta 0.04, so a reference forward too)
-on all of them (mu = 1). prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
+digits in the reply), then one optimiser step of GRPO (`--beta`, 0.04 by default, so a
+reference forward too; at 0 neither side builds a reference) on all of them (mu = 1). prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
 the sampler prefills each prompt once and copies its KV cache to its G samples, and the update
 lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows,
 `prefix` rows (a row per group: the prompt once, its G samples as branches), or
@@ -26,7 +26,8 @@ Printed per configuration (one JSON line): seconds per iteration, generation sec
 generated tokens/s, update seconds and update tokens/s (prompt + completion tokens of every
 sample, as a padded trainer processes them, so layouts and TRL compare), and the update's MFU
 against the measured matmul peak of this machine (FLOPs: 8 per weight per real row token for
-the policy's forward and backward and the reference's forward, 6 under LoRA; the vocabulary
+the policy's forward and backward and the reference's forward, 6 under LoRA, 2 fewer at beta 0
+without the reference; the vocabulary
 projection only on completion tokens; see benchmarks/dpo_step.py). Samples differ between the
 frameworks (different samplers), so their lengths differ: compare tokens/s as well as seconds.
 
@@ -98,7 +99,7 @@ def bench_prefopt(args) -> dict:
 
     t0 = time.perf_counter()
     task = Task(spec, loop.DataSpec(layout=args.layouts, micro_batches=args.micro_batches),
-                build.AlgoConfig(loss="grpo"),
+                build.AlgoConfig(loss="grpo", hyper={"grpo": {"beta": args.beta}}),
                 optim.OptimConfig(learning_rate=1e-6, schedule="constant", warmup_steps=0),
                 loop.LoopConfig(output_dir=out_dir, logps_chunk=args.chunk), rl=config)
     model = holder.pop("model")
@@ -141,10 +142,10 @@ def bench_prefopt(args) -> dict:
                          "raise --max-warmup")
     seconds, gen, completion, logical, row_tokens, _ = (np.mean(x) for x in zip(*rows))
     update = seconds - gen
-    flops = (8 if lora is None else 6) * (body * row_tokens + head * completion)
+    flops = flops_per_weight(args.modes, args.beta) * (body * row_tokens + head * completion)
     peak = matmul_peak_flops(args.dtypes)
     return {"framework": "prefopt-jax", "model": args.model, "layout": args.layouts,
-            "mode": args.modes, "dtype": args.dtypes, "prompts": args.prompts,
+            "mode": args.modes, "dtype": args.dtypes, "beta": args.beta, "prompts": args.prompts,
             "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
             "seconds_per_iteration": seconds, "generation_seconds": gen,
             "update_seconds": update, "generation_tokens_per_s": completion / gen,
@@ -155,6 +156,12 @@ def bench_prefopt(args) -> dict:
             "mfu": flops / update / peak, "matmul_peak_flops": peak,
             "body_params": int(body), "head_params": int(head),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def flops_per_weight(mode: str, beta: float) -> int:
+    """Update FLOPs per weight per token: forward 2, backward 4 (2 under LoRA: no weight
+    gradient of the frozen base), and the reference's forward 2 unless beta is 0."""
+    return (6 if mode == "full" else 4) + (2 if beta != 0 else 0)
 
 
 def bench_trl(args) -> dict:
@@ -170,7 +177,8 @@ def bench_trl(args) -> dict:
     out = bench_trl_grpo(directory, prompts_text(args.prompts), digit_share,
                          group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                          dtype=args.dtypes, iterations=args.iterations + 1,
-                         lora_rank=args.lora_rank if args.modes == "lora" else None)
+                         lora_rank=args.lora_rank if args.modes == "lora" else None,
+                         beta=args.beta)
     return dict(out, layout="padded", model=args.model)
 
 
@@ -205,6 +213,8 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--beta", type=float, default=0.04, help="GRPO's KL coefficient on both "
+                   "sides (TRL's own default is 0: no reference model)")
     p.add_argument("--frameworks", default="prefopt,trl")
     p.add_argument("--target-speedup", type=float, default=3.0, help="the speed-up over TRL "
                    "whose share of the matmul peak the equal_work lines print")
@@ -236,7 +246,7 @@ def equal_work(results: list[dict], target: float = 3.0) -> list[dict]:
     frameworks' samples differ in length, so seconds per iteration alone compare unequal work.
 
     Beside it, the least time that work takes at the measured matmul peak (`peak_seconds`):
-    sampling costs 2 FLOPs per weight per completion token, the update 8 (6 under LoRA) per
+    sampling costs 2 FLOPs per weight per completion token, the update `flops_per_weight` per
     body weight per completion token and per prompt token once per group (the prompt shared,
     the fewest any layout computes) and per vocabulary weight per completion token, as in the
     MFU. Attention, the optimiser and the decode's memory traffic are left out, so no
@@ -253,7 +263,7 @@ def equal_work(results: list[dict], target: float = 3.0) -> list[dict]:
             seconds = (completion / ours["generation_tokens_per_s"]
                        + trl["update_tokens_per_iteration"] / ours["update_tokens_per_s"])
             body, head = ours["body_params"], ours["head_params"]
-            per_weight = 8 if ours["mode"] == "full" else 6
+            per_weight = flops_per_weight(ours["mode"], ours.get("beta", 0.04))
             flops = (2 * (body + head) * completion
                      + per_weight * (body * (completion + prompt / ours["group_size"])
                                      + head * completion))

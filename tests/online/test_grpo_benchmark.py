@@ -55,3 +55,16 @@ def test_lora_update_costs_six_flops_per_weight(grpo_step):
     flops = 2 * 1200 * 400 + 6 * (1000 * 450 + 200 * 400)
     assert line["peak_seconds"] == pytest.approx(flops / 1e6, abs=0.01)
     assert line["share_for_target"] == pytest.approx(flops / 1e6 * 2 / 30.0, abs=0.01)
+
+
+@pytest.mark.parametrize("mode,per_weight", [("full", 6), ("lora", 4)])
+def test_without_a_reference_the_update_costs_two_flops_per_weight_less(grpo_step, mode,
+                                                                        per_weight):
+    """At beta 0 neither side runs the reference's forward."""
+    trl = {"framework": "trl", "layout": "padded", "dtype": "float32", "mode": mode,
+           "seconds_per_iteration": 30.0, "completion_tokens_per_iteration": 400,
+           "update_tokens_per_iteration": 600}
+    line, = grpo_step.equal_work([trl, dict(ours("packed", mode=mode), beta=0.0)], target=2.0)
+    flops = 2 * 1200 * 400 + per_weight * (1000 * 450 + 200 * 400)
+    assert line["peak_seconds"] == pytest.approx(flops / 1e6, abs=0.01)
+    assert grpo_step.flops_per_weight(mode, 0.04) == per_weight + 2
