@@ -7,7 +7,8 @@
 One iteration: every prompt sampled `--group-size` times (at most `--max-new-tokens`, stopping at
 EOS), the samples scored by the same TRL-convention reward function on both sides (the share of
 digits in the reply), then one optimiser step of GRPO (`--beta`, 0.04 by default, so a
-reference forward too; at 0 neither side builds a reference) on all of them (mu = 1). prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
+reference forward too; at 0 neither side builds a reference) on all of them (mu = 1).
+prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
 the sampler prefills each prompt once and copies its KV cache to its G samples, and the update
 lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows,
 `prefix` rows (a row per group: the prompt once, its G samples as branches), or
