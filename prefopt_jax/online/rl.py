@@ -416,6 +416,10 @@ class RolloutTask(loop_lib.PolicyTask):
         if rl.dynamic_sampling:
             metrics["groups/dropped_fraction"] = len(dropped) / max(len(kept) + len(dropped), 1)
             metrics["groups/filled_with_dropped"] = float(max(0, want - len(kept)))
+        if metrics["samples_valid"] == 0:
+            build.note("an iteration has no sample to learn from: every reward function "
+                       "returned None for every sample, or every sample was filtered as "
+                       "overlong (samples_valid 0)")
         return self.to_rollouts(chosen, cursor, metrics)
 
     def sample_groups(self, policy, draws: np.ndarray) -> list[dict]:

@@ -329,6 +329,16 @@ def test_reward_inputs_follow_each_prompts_form():
                            [{"role": "assistant", "content": "w"}]]
 
 
+def test_an_iteration_with_no_reward_says_so(tmp_path, capsys):
+    def abstains(prompts, completions, **_):
+        return [None] * len(completions)
+
+    build.note.cache_clear()  # a note prints once per process; another test may have had it
+    t = task(tmp_path, rewards=(abstains,))
+    assert t.rollouts.metrics["samples_valid"] == 0
+    assert "note: an iteration has no sample to learn from" in capsys.readouterr().out
+
+
 def test_token_scorers_join_reward_functions():
     """`scorer:mean_token` scores the sampled ids; its column sits beside the text rewards."""
     rewards = RewardFunctions([EVEN, "scorer:mean_token"], [1.0, 0.5])
