@@ -61,12 +61,13 @@ def single(name: str, hyper=()) -> Objective:
     fn = _known(name)
     check_hyper(name, fn, hyper)
     decl = info(name)
-    off = decl.reference_off is not None and {**hyper_defaults(fn), **dict(hyper)}.get(
-        decl.reference_off) == 0  # the KL coefficient is 0: the reference is never read
+    objective = Objective(name, fn, tuple(sorted(dict(hyper).items())), decl)
+    # A KL coefficient of 0: the reference is never read.
+    off = decl.reference_off is not None and objective.setting(decl.reference_off) == 0
     decl = dataclasses.replace(decl, needs=decl.active_needs(hyper), waived_by=(),
                                coupling=decl.effective_coupling(hyper),
                                reference=decl.reference and not off)
-    return Objective(name, fn, tuple(sorted(dict(hyper).items())), decl)
+    return dataclasses.replace(objective, info=decl)
 
 
 def _component(entry) -> tuple[str, float, dict]:
