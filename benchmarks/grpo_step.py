@@ -5,9 +5,10 @@
     python benchmarks/grpo_step.py --model tiny --frameworks prefopt   # seconds, a smoke check
 
 One iteration: every prompt sampled `--group-size` times (at most `--max-new-tokens`, stopping at
-EOS), the samples scored by the same TRL-convention reward function on both sides (the share of
-digits in the reply), then one optimiser step of GRPO (`--beta`, 0.04 by default, so a
-reference forward too; at 0 neither side builds a reference) on all of them (mu = 1).
+EOS, but not before `--min-new-tokens`), the samples scored by the same TRL-convention reward
+function on both sides (the share of digits in the reply), then one optimiser step of GRPO
+(`--beta`, 0.04 by default, so a reference forward too; at 0 neither side builds a reference)
+on all of them (mu = 1).
 prefopt-jax runs `online.rl.RolloutTask` as `prefopt train` does:
 the sampler prefills each prompt once and copies its KV cache to its G samples, and the update
 lays the samples out as `padded` rows (a row per sample, the prompt repeated), `packed` rows,
@@ -85,7 +86,8 @@ def bench_prefopt(args) -> dict:
     lora = LoraConfig(rank=args.lora_rank) if args.modes == "lora" else None
     spec = ModelSpec(source=args.model, dtype=args.dtypes, param_dtype="float32", lora=lora)
     config = rl.RLConfig(prompts_per_iteration=args.prompts, group_size=args.group_size,
-                         max_new_tokens=args.max_new_tokens, rewards=(digit_share,))
+                         max_new_tokens=args.max_new_tokens, rewards=(digit_share,),
+                         min_new_tokens=args.min_new_tokens)
     out_dir = tempfile.mkdtemp()
     holder = {}
 
@@ -179,7 +181,7 @@ def bench_trl(args) -> dict:
                          group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                          dtype=args.dtypes, iterations=args.iterations + 1,
                          lora_rank=args.lora_rank if args.modes == "lora" else None,
-                         beta=args.beta)
+                         beta=args.beta, min_new_tokens=args.min_new_tokens)
     return dict(out, layout="padded", model=args.model)
 
 
@@ -204,6 +206,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many "
+                   "tokens, on both sides (at --max-new-tokens every sample has that length, "
+                   "so both sides do the same work)")
     p.add_argument("--iterations", type=int, default=4, help="timed iterations: after the "
                    "first, those that compile nothing")
     p.add_argument("--max-warmup", type=int, default=6, help="iterations that compile a new "

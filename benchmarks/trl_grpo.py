@@ -32,7 +32,8 @@ import time
 
 def bench_trl_grpo(model_dir: str, prompts: list[str], reward_fn, *, group_size: int = 8,
                    max_new_tokens: int = 64, dtype: str = "float32", lora_rank: int | None = None,
-                   iterations: int = 2, temperature: float = 1.0, beta: float = 0.04) -> dict:
+                   iterations: int = 2, temperature: float = 1.0, beta: float = 0.04,
+                   min_new_tokens: int = 0) -> dict:
     """Run `iterations` GRPO optimiser steps of TRL's GRPOTrainer on CPU; time all but the first.
 
     Each step samples `group_size` completions of every prompt (`len(prompts) * group_size` rows)
@@ -84,6 +85,8 @@ def bench_trl_grpo(model_dir: str, prompts: list[str], reward_fn, *, group_size:
         max_completion_length=max_new_tokens,
         temperature=temperature,
         beta=beta,
+        # No EOS before min_new_tokens (transformers' MinNewTokensLengthLogitsProcessor).
+        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None,
         use_vllm=False,
         bf16=dtype == "bfloat16",  # TRL's configs default bf16 to True: state it both ways
         gradient_checkpointing=False,  # TRL's configs default it on; off, as in dpo_step.py
@@ -233,12 +236,13 @@ def main() -> None:
                    help="optimiser steps, the first untimed")
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--min-new-tokens", type=int, default=0)
     args = p.parse_args()
     result = bench_trl_grpo(args.model_dir, arithmetic_prompts(args.prompts), digit_fraction_reward,
                             group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                             dtype=args.dtype, lora_rank=args.lora_rank,
                             iterations=args.iterations, temperature=args.temperature,
-                            beta=args.beta)
+                            beta=args.beta, min_new_tokens=args.min_new_tokens)
     print(json.dumps(result))
 
 

@@ -75,7 +75,8 @@ class RLConfig:
       minibatches: optimiser steps per pass (each on `prompts_per_iteration / minibatches`
         groups).
       max_new_tokens, temperature, top_p, top_k, stop_ids: sampling (stop_ids empty: the
-        tokenizer's end of sequence).
+        tokenizer's end of sequence); min_new_tokens: no stop id is drawn before this many
+        tokens (TRL's `generation_kwargs={"min_new_tokens": n}`).
       rewards: reward specs (`rewards.functions.resolve`; `scorer:SPEC` for a token scorer such
         as `scorer:rm:DIR`); reward_weights: their weights (None: all 1).
       dynamic_sampling: DAPO's: drop groups whose rewards all agree and sample more prompts, at
@@ -105,6 +106,7 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop_ids: tuple = ()
+    min_new_tokens: int = 0
     rewards: tuple = ("math_answer",)
     reward_weights: tuple | None = None
     dynamic_sampling: bool = False
@@ -133,6 +135,9 @@ class RLConfig:
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"RLConfig.target_kl must be > 0 (None: off), got "
                               f"{self.target_kl}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"RLConfig.min_new_tokens must be in [0, {self.max_new_tokens}] "
+                              f"(max_new_tokens), got {self.min_new_tokens}")
         if not 0 <= self.overlong_buffer < self.max_new_tokens:
             raise ConfigError(f"RLConfig.overlong_buffer must be in [0, max_new_tokens), got "
                               f"{self.overlong_buffer}")
@@ -143,7 +148,8 @@ class RLConfig:
 
     def sampling(self, stop_ids: tuple) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, stop_ids=stop_ids)
+                              top_k=self.top_k, top_p=self.top_p, stop_ids=stop_ids,
+                              min_new_tokens=self.min_new_tokens)
 
 
 # Prompts: the prompt column (text or messages) and every other column, for reward functions.

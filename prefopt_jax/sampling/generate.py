@@ -34,6 +34,8 @@ class SamplingConfig:
       top_k: keep only the k most likely tokens (0 = off).
       top_p: keep the smallest set of tokens whose probability reaches p (1.0 = off).
       stop_ids: token ids that end a row (EOS and any stop tokens); the stop token is kept.
+      min_new_tokens: the stop ids cannot be drawn before this many tokens (a filter like
+        top-k: `sample_logps_bn` is under the distribution without them, `logps_bn` is not).
     """
 
     max_new_tokens: int = 64
@@ -41,10 +43,14 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens="
+                             f"{self.max_new_tokens}], got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -134,14 +140,19 @@ def categorical(rng: jax.Array, logits_v: jax.Array, block: int = SAMPLE_BLOCK) 
     return b * block + jax.random.categorical(rng_token, blocks_nk[b])
 
 
-def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array):
+def next_token(logits_bv: jax.Array, config: SamplingConfig, rng: jax.Array, step=None):
     """Picks the next token; returns `(token_b, model_logp_b, sample_logp_b)`.
 
     `rng` is one key for the batch, or a key per row (`[B]`), which makes each row's draws
     independent of the other rows (the same sample whatever batch a prompt is generated in).
+    `step` (the index of the token being drawn) bans the stop ids while it is below
+    `config.min_new_tokens`.
     """
     logits_bv = logits_bv.astype(jnp.float32)
     logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    if step is not None and config.min_new_tokens and config.stop_ids:
+        stop_v = jnp.zeros(logits_bv.shape[-1], bool).at[jnp.asarray(config.stop_ids)].set(True)
+        logits_bv = jnp.where(stop_v & (step < config.min_new_tokens), -jnp.inf, logits_bv)
     if config.temperature == 0.0:
         token_b = jnp.argmax(logits_bv, axis=-1)
         sample_logp_b = jnp.zeros(token_b.shape, jnp.float32)
@@ -233,7 +244,7 @@ def sample_loop(step_fn, logits_bv, state, config: SamplingConfig, rng, pad_id: 
     def body(carry):
         i, state, logits_bv, out, done_b, rng, row_b = carry
         rng, step_rng = _split(rng)
-        token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng)
+        token_b, logp_b, sample_logp_b = next_token(logits_bv, config, step_rng, i)
         live_b = ~done_b
         out = (  # row_b: each row's place in the full batch
             out[0].at[row_b, i].set(jnp.where(live_b, token_b, pad_id)),
@@ -300,7 +311,8 @@ def generate(model, prompts: Sequence[Sequence[int]], config: SamplingConfig,
     tokens_bt, positions_bt, segment_ids_bt = left_pad(prompts, pad_id)
     graphdef, state = nnx.split(model)
     tokens, logps, sample_logps, mask = jax.device_get(_decode(
-        graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, config=config, pad_id=pad_id))
+        graphdef, state, tokens_bt, positions_bt, segment_ids_bt, rng, config=config,
+        pad_id=pad_id))
     return Generation(tokens, logps, sample_logps, mask, mask.sum(axis=-1))
 
 

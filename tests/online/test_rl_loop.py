@@ -259,6 +259,17 @@ def test_overlong_samples_are_filtered_and_shaped(tmp_path):
     assert not t.rollouts.data.fields["sample_valid"].any()
 
 
+def test_min_new_tokens_reaches_the_sampler(tmp_path):
+    """With a third of the vocabulary as stop ids some samples stop early; with
+    `min_new_tokens` at `max_new_tokens` none does, and no stop id is sampled."""
+    stops = tuple(range(0, 61, 3))  # the tiny vocabulary has 61 tokens
+    early = task(tmp_path / "early", stop_ids=stops).rollouts.data
+    assert early.completion_lengths_nk.min() < 8
+    full = task(tmp_path / "full", stop_ids=stops, min_new_tokens=8).rollouts.data
+    np.testing.assert_array_equal(full.completion_lengths_nk, 8)
+    assert not np.isin(full.completion_tokens_t, stops).any()
+
+
 def test_pref_grpo_reads_bradley_terry_win_probabilities(tmp_path):
     r = np.array([[1.0, 0.0, np.nan]])
     p = rl.win_matrix("bradley_terry", 2.0, r, ["x"], [["a", "b", "c"]], {})
@@ -369,6 +380,7 @@ def test_prompt_data_keeps_its_columns_and_names_a_bad_row(tmp_path):
 @pytest.mark.parametrize("binding,message", [
     ("RLConfig.minibatches=3", "RLConfig.minibatches \\(3\\) must divide prompts_per_iteration"),
     ("RLConfig.group_size=1", "RLConfig.group_size must be >= 2"),
+    ("RLConfig.min_new_tokens=9", "RLConfig.min_new_tokens must be in \\[0, 8\\]"),
     ("AlgoConfig.hyper={'grpo': {'group_size': 8}}",
      "AlgoConfig.hyper group_size 8 differs from RLConfig.group_size 4"),
     ("DataSpec.layout='pack'", "unknown DataSpec.layout 'pack'"),

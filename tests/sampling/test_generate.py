@@ -190,3 +190,41 @@ def test_groups_share_the_prompt_cache_and_draw_per_sample_keys(model):
         np.testing.assert_allclose(grouped.logps_bn[n, :len(new)], want, atol=2e-5)
     with pytest.raises(ValueError, match="one key per sample"):
         generate_groups(model, prompts, g, config, keys[:4])
+
+
+def test_min_new_tokens_bans_the_stop_ids_until_then(model):
+    """Before `min_new_tokens` no stop id is drawn, and the sampled distribution is the model's
+    without them: `sample_logp = logp - log(1 - P(stop ids))` there, `= logp` after. Greedy
+    decoding takes the best token that is not a stop id. Off (0), rows stop early."""
+    prompts, stops, n_new = [[5, 9, 14], [3], [7, 7, 2, 8, 1], [4, 4]], tuple(range(10, 40)), 8
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(4))
+    free = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, stop_ids=stops),
+                    rng=keys)
+    assert free.lengths_b.min() < 4  # with 30 of 97 tokens stopping, some row stops early
+    banned = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, stop_ids=stops,
+                                                     min_new_tokens=4), rng=keys)
+    assert banned.lengths_b.min() >= 4
+    assert not np.isin(banned.tokens_bn[:, :4], stops).any()
+    for row, prompt in enumerate(prompts):
+        new = [int(t) for t in banned.tokens_bn[row, :banned.lengths_b[row]]]
+        seq = jnp.asarray([prompt + new])
+        logits = _forward(model, seq, jnp.arange(seq.shape[1])[None])[0]
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+        logp = logp[len(prompt) - 1:-1]
+        stop_mass = np.exp(logp[:, list(stops)]).sum(-1)
+        want = logp[np.arange(len(new)), new]
+        np.testing.assert_allclose(banned.logps_bn[row, :len(new)], want, atol=2e-5)
+        shift = np.where(np.arange(len(new)) < 4, np.log1p(-stop_mass), 0.0)
+        np.testing.assert_allclose(banned.sample_logps_bn[row, :len(new)], want - shift,
+                                   atol=2e-5)
+    full = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0.0,
+                                                   stop_ids=stops, min_new_tokens=n_new))
+    np.testing.assert_array_equal(full.lengths_b, [n_new] * 4)
+    assert not np.isin(full.tokens_bn, stops).any()
+    for row, prompt in enumerate(prompts):  # the first greedy token: the best non-stop one
+        logits = np.asarray(_forward(model, jnp.asarray([prompt]),
+                                     jnp.arange(len(prompt))[None])[0, -1], np.float32).copy()
+        logits[list(stops)] = -np.inf
+        assert full.tokens_bn[row, 0] == np.argmax(logits)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingConfig(max_new_tokens=4, min_new_tokens=5)
